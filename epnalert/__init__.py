@@ -1,0 +1,1 @@
+"""epnalert: the daily alert about experiments (EPNs) nobody has claimed."""

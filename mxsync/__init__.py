@@ -1,0 +1,3 @@
+"""mxsync: repatriate synchrotron experiments (EPNs) into HPC project folders."""
+
+__version__ = "2.0.0"

@@ -1,0 +1,574 @@
+"""Load config.yml once, validate every key, and return typed objects; nothing deeper reads raw dicts.
+
+The file format is the one HPC ASSyncy used; every old key keeps its meaning. Problems are all
+collected and reported together, each at its key path (`equipment[1].id: expected ...`).
+"""
+
+import difflib
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Tuple
+
+import yaml
+
+from mxsync.errors import ConfigError
+from mxsync.names import EPN_NUMBER_PATTERN, describe, is_project
+
+logger = logging.getLogger("mxsync.config")
+
+SMTP_SECURITY_CHOICES = ("none", "starttls", "ssl")
+HOST_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+EMAIL_PATTERN = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """One portal equipment (beamline endpoint) with its API credentials."""
+
+    id: int
+    username: str
+    password: str = field(repr=False)
+    client_name: str
+    client_password: str = field(repr=False)
+    beamline: str
+    source_path: str
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    host: str
+    port: int
+    security: str
+    username: Optional[str]
+    password: Optional[str] = field(repr=False)
+    timeout: float
+
+
+@dataclass(frozen=True)
+class LogFiles:
+    sync: Optional[Path]
+    epnalert: Optional[Path]
+    email: Optional[Path]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration; paths are absolute, durations in seconds unless named otherwise."""
+
+    path: Path
+    epn_cap_map: dict
+    ignore_file: Path
+    state_dir: Path
+    equipment: Tuple[Equipment, ...]
+    base_url: str
+    host: str
+    username: Optional[str]
+    port: int
+    key_file: Optional[Path]
+    known_hosts: Optional[Path]
+    ssh_connect_timeout: float
+    ssh_keepalive_interval: int
+    ssh_cipher: Optional[str]
+    ssh_connection_sharing: bool
+    sftp_timeout: float
+    portal_timeout: float
+    portal_retries: int
+    portal_retry_delay: float
+    email_to: Tuple[str, ...]
+    email_from: str
+    smtp: SmtpSettings
+    mxsync_email_to: Tuple[str, ...]
+    template_folder: Optional[Path]
+    template_text: Optional[str]
+    template_html: Optional[str]
+    epnalert_only_new: bool
+    epnalert_repeat_days: float
+    visit_day_range: int
+    destination_root: Path
+    destination_must_be_mount_point: bool
+    sync_frequency_hours: float
+    max_tasks: int
+    rsync_options: Tuple[str, ...]
+    rsync_bwlimit: Optional[str]
+    rsync_io_timeout: int
+    rsync_retries: int
+    rsync_retry_delay: float
+    failure_alert_cycles: int
+    log_level: int
+    log_files: LogFiles
+    log_max_bytes: int
+    log_backup_count: int
+    warnings: Tuple[str, ...] = ()
+
+    def project_for(self, epn_number):
+        """Given an EPN number such as '12282', return its project folder or None if unmapped."""
+        return self.epn_cap_map.get(epn_number)
+
+    def secrets(self):
+        """Return every secret value in the config, for log masking."""
+        values = [self.smtp.password]
+        for equipment in self.equipment:
+            values += [equipment.password, equipment.client_password]
+        return [value for value in values if value]
+
+    @property
+    def ssh_target(self):
+        """Return `[username@]host` as ssh and rsync expect it."""
+        return f"{self.username}@{self.host}" if self.username else self.host
+
+    @property
+    def source_paths(self):
+        """Return the distinct remote EPN parent directories, one per beamline, in config order."""
+        return tuple(dict.fromkeys(equipment.source_path for equipment in self.equipment))
+
+
+class _Invalid(Exception):
+    """A value does not fit its key; the message says what was expected."""
+
+
+# ---------------------------------------------------------------- value converters
+
+
+def _expected(what, value):
+    return _Invalid(f"expected {what}, got {describe(value)}")
+
+
+def _string(value):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+        raise _expected("a non-empty string", value)
+    return str(value)
+
+
+def _integer(minimum=None, maximum=None):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            else:
+                raise _expected("an integer", value)
+        if minimum is not None and value < minimum:
+            raise _Invalid(f"expected an integer of at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise _Invalid(f"expected an integer of at most {maximum}, got {value}")
+        return value
+
+    return convert
+
+
+def _number(minimum=0):
+    def convert(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _expected("a number", value)
+        if value < minimum:
+            raise _Invalid(f"expected a number of at least {minimum}, got {value}")
+        return float(value)
+
+    return convert
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise _expected("true or false", value)
+    return value
+
+
+def _choice(*choices):
+    def convert(value):
+        if value not in choices:
+            raise _expected("one of " + ", ".join(choices), value)
+        return value
+
+    return convert
+
+
+def _pattern(regex, what):
+    def convert(value):
+        value = _string(value)
+        if regex.fullmatch(value) is None:
+            raise _expected(what, value)
+        return value
+
+    return convert
+
+
+def _email_list(value):
+    addresses = value if isinstance(value, list) else [value]
+    if not addresses:
+        raise _expected("an email address or a list of them", value)
+    for address in addresses:
+        if not isinstance(address, str) or EMAIL_PATTERN.fullmatch(address.strip()) is None:
+            raise _expected("an email address or a list of them", address)
+    return tuple(address.strip() for address in addresses)
+
+
+def _string_list(value):
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str) and item for item in items):
+        raise _expected("a string or a list of strings", value)
+    return tuple(items)
+
+
+def _log_level(value):
+    """Accept what the old tool took (`logging.DEBUG`) as well as `DEBUG`, `debug` or a number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = name[len("LOGGING."):] if name.startswith("LOGGING.") else name
+        name = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name)
+        if name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            return getattr(logging, name)
+    raise _expected("a log level (DEBUG, INFO, WARNING, ERROR; 'logging.DEBUG' also works)", value)
+
+
+def _bwlimit(value):
+    text = str(value).strip() if not isinstance(value, bool) else ""
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?[KMGkmg]?", text) is None:
+        raise _expected("a bandwidth in KiB/s, or with a unit like '50M'", value)
+    return text
+
+
+def _cap_map(value):
+    if not isinstance(value, dict):
+        raise _expected("a mapping of EPN number to project folder", value)
+    return value  # entries are checked one by one in _check_cap_map, each at its own key path
+
+
+def _smtp_address(value):
+    text = _string(value)
+    host, _, port = text.partition(":")
+    if not HOST_PATTERN.fullmatch(host) or (port and not port.isdigit()):
+        raise _expected("'host' or 'host:port'", value)
+    return host, (int(port) if port else None)
+
+
+# ---------------------------------------------------------------- the schema
+
+# key: (converter, default); a default of REQUIRED means the key must be present.
+REQUIRED = object()
+
+TOP_LEVEL = {
+    "comment": (_string, None),
+    "epn_cap_map": (_cap_map, REQUIRED),
+    "ignore": (_string, REQUIRED),
+    "state-dir": (_string, None),
+    "equipment": (None, REQUIRED),  # checked by _check_equipment
+    "base-url": (_pattern(re.compile(r"https?://[^\s/]+(/\S*)?"), "an http:// or https:// URL"), REQUIRED),
+    "beamline": (_pattern(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*"), "a beamline name such as 'mx'"), None),
+    "host": (_pattern(HOST_PATTERN, "a host name or address"), REQUIRED),
+    "username": (_pattern(USERNAME_PATTERN, "a login name (letters, digits, '_', '.', '-')"), None),
+    "port": (_integer(1, 65535), 22),
+    "key-file": (_string, None),
+    "known-hosts": (_string, None),
+    "source-path": (_string, "/data/{beamline}"),
+    "ssh-connect-timeout": (_number(1), 30.0),
+    "ssh-keepalive-interval": (_integer(0, 3600), 30),
+    "ssh-cipher": (_pattern(re.compile(r"[a-z0-9@.,-]+"), "an ssh cipher name such as aes128-gcm@openssh.com"), None),
+    "ssh-connection-sharing": (_boolean, True),
+    "sftp-timeout": (_number(1), 60.0),
+    "portal-timeout": (_number(1), 60.0),
+    "portal-retries": (_integer(0, 20), 3),
+    "portal-retry-delay": (_number(0), 2.0),
+    "epnalert-email-to": (_email_list, REQUIRED),
+    "epnalert-email-from": (_pattern(EMAIL_PATTERN, "an email address"), REQUIRED),
+    "epnalert-email-smtp": (_smtp_address, REQUIRED),
+    "epnalert-email-smtp-security": (_choice(*SMTP_SECURITY_CHOICES), "none"),
+    "epnalert-email-smtp-username": (_string, None),
+    "epnalert-email-smtp-password": (_string, None),
+    "epnalert-email-smtp-timeout": (_number(1), 30.0),
+    "epnalert-template-folder": (_string, None),
+    "epnalert-template-text": (_string, None),
+    "epnalert-template-html": (_string, None),
+    "epnalert-only-new": (_boolean, False),
+    "epnalert-repeat-days": (_number(0), 0.0),
+    "mxsync-email-to": (_email_list, None),
+    "visit-day-range": (_integer(1, 36500), 30),
+    "destination-root-path": (_string, REQUIRED),
+    "destination-must-be-mount-point": (_boolean, False),
+    "sync-frequency-hours": (_number(0.001), 24.0),
+    "max-tasks": (_integer(1, 64), 1),
+    "rsync-options": (_string_list, ()),
+    "rsync-bwlimit": (_bwlimit, None),
+    "rsync-io-timeout": (_integer(0, 86400), 600),
+    "rsync-retries": (_integer(0, 20), 2),
+    "rsync-retry-delay": (_number(0), 30.0),
+    "failure-alert-cycles": (_integer(1, 1000), 3),
+    "log-level": (_log_level, logging.INFO),
+    "log-files": (None, None),  # checked by _check_log_files
+    "log-max-bytes": (_integer(0), 10 * 1024 * 1024),
+    "log-backup-count": (_integer(0, 1000), 5),
+}
+
+EQUIPMENT_KEYS = {
+    "id": (_integer(0), REQUIRED),
+    "username": (_string, REQUIRED),
+    "password": (_string, REQUIRED),
+    "client_name": (_string, REQUIRED),
+    "client_password": (_string, REQUIRED),
+    "beamline": (TOP_LEVEL["beamline"][0], None),
+}
+
+LOG_FILE_KEYS = ("sync", "epnalert", "email")
+
+# Options that would change where or how rsync writes, which mxsync must own.
+FORBIDDEN_RSYNC_OPTIONS = ("--delete", "--remove-source-files", "--rsh", "-e", "--files-from", "--dry-run", "-n")
+
+
+class _Collector:
+    """Gathers problems and warnings with their key paths."""
+
+    def __init__(self):
+        self.problems = []
+        self.warnings = []
+
+    def problem(self, key_path, message):
+        self.problems.append(f"{key_path}: {message}")
+
+    def warning(self, key_path, message):
+        self.warnings.append(f"{key_path}: {message}")
+
+    def convert(self, mapping, schema, key_path_prefix=""):
+        """Given a raw mapping and its schema, return {key: converted value}; unknown keys warn."""
+        values = {}
+        for key, (converter, default) in schema.items():
+            key_path = f"{key_path_prefix}{key}"
+            if key not in mapping or mapping[key] is None and default is not REQUIRED:
+                if default is REQUIRED:
+                    self.problem(key_path, "required key is missing")
+                values[key] = None if default is REQUIRED else default
+                continue
+            if converter is None:
+                values[key] = mapping[key]
+                continue
+            try:
+                values[key] = converter(mapping[key])
+            except _Invalid as invalid:
+                self.problem(key_path, str(invalid))
+                values[key] = None if default is REQUIRED else default
+        for key in mapping:
+            if key not in schema:
+                close = difflib.get_close_matches(str(key), list(schema), n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else " and is ignored"
+                self.warning(f"{key_path_prefix}{key}", f"unknown key{hint}")
+        return values
+
+
+def load_config(path):
+    """Given the path of config.yml, return a validated Config or raise ConfigError listing every problem."""
+    path = Path(path).expanduser().absolute()
+    raw = _read_yaml(path)
+    collector = _Collector()
+    values = collector.convert(raw, TOP_LEVEL)
+    base_dir = path.parent
+
+    def resolve(key, value=None):
+        value = values[key] if value is None else value
+        return None if value is None else (base_dir / os.path.expanduser(value)).resolve()
+
+    cap_map = _check_cap_map(values["epn_cap_map"] or {}, collector)
+    equipment = _check_equipment(values, collector)
+    log_files = _check_log_files(values["log-files"], collector, resolve)
+    smtp = _check_smtp(values, collector)
+    _check_rsync_options(values["rsync-options"], collector)
+
+    ignore_file = resolve("ignore")
+    state_dir = resolve("state-dir") or (ignore_file.parent if ignore_file else base_dir)
+    template_names = (values["epnalert-template-text"], values["epnalert-template-html"])
+    if values["epnalert-template-folder"] is None and any(template_names):
+        collector.problem("epnalert-template-folder", "required when epnalert-template-text or -html is set")
+    if values["epnalert-template-folder"] is not None and not any(template_names):
+        collector.problem("epnalert-template-folder", "set epnalert-template-text and/or epnalert-template-html too")
+    for key, name in zip(("epnalert-template-text", "epnalert-template-html"), template_names):
+        if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
+            collector.problem(key, f"expected a file name inside epnalert-template-folder, got {describe(name)}")
+
+    passwords = any(e.password or e.client_password for e in equipment) or smtp.password
+    _warn_if_readable_by_others(path, passwords, collector)
+
+    if collector.problems:
+        raise ConfigError(path, collector.problems)
+    email_to = values["epnalert-email-to"]
+    return Config(
+        path=path,
+        epn_cap_map=cap_map,
+        ignore_file=ignore_file,
+        state_dir=state_dir,
+        equipment=tuple(equipment),
+        base_url=values["base-url"].rstrip("/"),
+        host=values["host"],
+        username=values["username"],
+        port=values["port"],
+        key_file=resolve("key-file"),
+        known_hosts=resolve("known-hosts"),
+        ssh_connect_timeout=values["ssh-connect-timeout"],
+        ssh_keepalive_interval=values["ssh-keepalive-interval"],
+        ssh_cipher=values["ssh-cipher"],
+        ssh_connection_sharing=values["ssh-connection-sharing"],
+        sftp_timeout=values["sftp-timeout"],
+        portal_timeout=values["portal-timeout"],
+        portal_retries=values["portal-retries"],
+        portal_retry_delay=values["portal-retry-delay"],
+        email_to=email_to,
+        email_from=values["epnalert-email-from"],
+        smtp=smtp,
+        mxsync_email_to=values["mxsync-email-to"] or email_to,
+        template_folder=resolve("epnalert-template-folder"),
+        template_text=values["epnalert-template-text"],
+        template_html=values["epnalert-template-html"],
+        epnalert_only_new=values["epnalert-only-new"],
+        epnalert_repeat_days=values["epnalert-repeat-days"],
+        visit_day_range=values["visit-day-range"],
+        destination_root=Path(os.path.abspath(base_dir / os.path.expanduser(values["destination-root-path"]))),
+        destination_must_be_mount_point=values["destination-must-be-mount-point"],
+        sync_frequency_hours=values["sync-frequency-hours"],
+        max_tasks=values["max-tasks"],
+        rsync_options=values["rsync-options"],
+        rsync_bwlimit=values["rsync-bwlimit"],
+        rsync_io_timeout=values["rsync-io-timeout"],
+        rsync_retries=values["rsync-retries"],
+        rsync_retry_delay=values["rsync-retry-delay"],
+        failure_alert_cycles=values["failure-alert-cycles"],
+        log_level=values["log-level"],
+        log_files=log_files,
+        log_max_bytes=values["log-max-bytes"],
+        log_backup_count=values["log-backup-count"],
+        warnings=tuple(f"{path}: {warning}" for warning in collector.warnings),
+    )
+
+
+def _read_yaml(path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found; pass --config with the path of your config.yml"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, [f"cannot read the file: {error}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(path, [f"{where}not valid YAML ({problem})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [f"expected a mapping of settings at the top level, got {describe(raw)}"])
+    return raw
+
+
+def _check_cap_map(raw_map, collector):
+    cap_map = {}
+    for number, project in raw_map.items():
+        key_path = f"epn_cap_map.{number}"
+        if isinstance(number, bool) or EPN_NUMBER_PATTERN.fullmatch(str(number)) is None:
+            collector.problem(key_path, f"expected an EPN number (digits only, e.g. '12282'), got {describe(number)}")
+        elif not is_project(project):
+            collector.problem(key_path, f"expected a project folder name (letters, digits, '_.+-'), got {describe(project)}")
+        else:
+            cap_map[str(number)] = project
+    return cap_map
+
+
+def _check_equipment(values, collector):
+    raw = values["equipment"]
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        collector.problem("equipment", f"expected a list of equipment entries, got {describe(raw)}")
+        return []
+    equipment, seen_ids = [], set()
+    for index, entry in enumerate(raw):
+        prefix = f"equipment[{index}]"
+        if not isinstance(entry, dict):
+            collector.problem(prefix, f"expected a mapping with id, username, password, client_name, client_password, got {describe(entry)}")
+            continue
+        fields = collector.convert(entry, EQUIPMENT_KEYS, prefix + ".")
+        beamline = fields["beamline"] or values["beamline"]
+        if beamline is None:
+            collector.problem(f"{prefix}.beamline", "no beamline: set 'beamline' at the top level or in this entry")
+            continue
+        if fields["id"] in seen_ids:
+            collector.problem(f"{prefix}.id", f"equipment id {fields['id']} is listed twice")
+        seen_ids.add(fields["id"])
+        source_path = _source_path(values["source-path"], beamline, collector)
+        required = ("id", "username", "password", "client_name", "client_password")
+        if any(fields[key] is None for key in required) or source_path is None:
+            continue
+        equipment.append(
+            Equipment(
+                id=fields["id"],
+                username=fields["username"],
+                password=fields["password"],
+                client_name=fields["client_name"],
+                client_password=fields["client_password"],
+                beamline=beamline,
+                source_path=source_path,
+            )
+        )
+    return equipment
+
+
+def _source_path(template, beamline, collector):
+    try:
+        path = template.format(beamline=beamline)
+    except (KeyError, IndexError, ValueError):
+        collector.problem("source-path", f"only the placeholder {{beamline}} is allowed, got {describe(template)}")
+        return None
+    if not path.startswith("/") or "\n" in path or "'" in path:
+        collector.problem("source-path", f"expected an absolute remote path, got {describe(path)}")
+        return None
+    return path.rstrip("/") or "/"
+
+
+def _check_log_files(raw, collector, resolve):
+    if raw is None:
+        return LogFiles(None, None, None)
+    if not isinstance(raw, dict):
+        collector.problem("log-files", f"expected a mapping with sync, epnalert and email paths, got {describe(raw)}")
+        return LogFiles(None, None, None)
+    paths = {}
+    for key in LOG_FILE_KEYS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            collector.problem(f"log-files.{key}", f"expected a file path, got {describe(value)}")
+            value = None
+        paths[key] = resolve(key, value) if value else None
+    for key in raw:
+        if key not in LOG_FILE_KEYS:
+            close = difflib.get_close_matches(str(key), LOG_FILE_KEYS, n=1)
+            collector.warning(f"log-files.{key}", "unknown key" + (f"; did you mean '{close[0]}'?" if close else " and is ignored"))
+    return LogFiles(**paths)
+
+
+def _check_smtp(values, collector):
+    host, port = values["epnalert-email-smtp"] or ("localhost", None)
+    security = values["epnalert-email-smtp-security"]
+    username, password = values["epnalert-email-smtp-username"], values["epnalert-email-smtp-password"]
+    if bool(username) != bool(password):
+        collector.problem("epnalert-email-smtp-password", "set both epnalert-email-smtp-username and -password, or neither")
+    if username and security == "none" and host not in ("localhost", "127.0.0.1", "::1"):
+        collector.warning("epnalert-email-smtp-security", "an SMTP password would be sent unencrypted; set starttls or ssl")
+    default_port = {"none": 25, "starttls": 587, "ssl": 465}[security]
+    return SmtpSettings(host, port or default_port, security, username, password, values["epnalert-email-smtp-timeout"])
+
+
+def _check_rsync_options(options, collector):
+    for index, option in enumerate(options):
+        name = option.split("=", 1)[0]
+        if not option.startswith("-"):
+            collector.problem(f"rsync-options[{index}]", f"expected an rsync option starting with '-', got {describe(option)}")
+        elif name in FORBIDDEN_RSYNC_OPTIONS:
+            collector.problem(f"rsync-options[{index}]", f"{name} is not allowed here: mxsync sets the transport and never deletes")
+
+
+def _warn_if_readable_by_others(path, holds_passwords, collector):
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if holds_passwords and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        collector.warning("(file)", f"holds passwords but is readable by group or others (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")

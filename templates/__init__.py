@@ -1,0 +1,1 @@
+# The default email templates, installed as the package epnalert.templates.

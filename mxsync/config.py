@@ -391,7 +391,8 @@ def load_config(path):
     _warn_if_readable_by_others(path, passwords, collector)
 
     if collector.problems:
-        raise ConfigError(path, collector.problems)
+        # Typos often cause the errors (a misspelt required key), so the warnings go with them.
+        raise ConfigError(path, collector.problems + collector.warnings)
     email_to = values["epnalert-email-to"]
     return Config(
         path=path,

@@ -1,0 +1,5 @@
+import sys
+
+from mxsync.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""Telling staff about persistent failures; a notification that fails is logged and never fails the job."""
+
+import logging
+
+from mxsync.errors import MailError
+from mxsync.mail import build_message, send_message
+
+logger = logging.getLogger("mxsync.alerts")
+
+SOURCE_ADVICE = {
+    "portal": "the portal could not be asked for visits; no new EPN can be planned until it answers",
+    "ssh": "the facility host refused or did not answer the ssh login; no transfer can start",
+    "destination": "the destination root is unusable; no transfer was started so nothing fills the wrong file system",
+}
+
+
+def send_failure_alert(config, epns, sources):
+    """Given failing EPN and source entries from the history, email staff; return True if the email went out."""
+    lines = ["mxsync needs attention.", ""]
+    for name, entry in sorted(sources.items()):
+        lines += [
+            f"* {name}: failing for {entry['failures']} cycle(s) since {entry.get('since', '?')}",
+            f"  {SOURCE_ADVICE.get(name, '')}",
+            f"  last error: {entry.get('last_error', '')}",
+            "",
+        ]
+    for epn, entry in sorted(epns.items()):
+        lines += [
+            f"* EPN {epn}: failed in {entry['failures']} consecutive cycle(s), last at {entry.get('last_attempt', '?')}",
+            f"  last error: {entry.get('last_error', '')}",
+            "",
+        ]
+    lines += [
+        "Each EPN is retried every cycle and recorded only once it is complete at the destination.",
+        f"Status: mxsync status --config {config.path}",
+        f"Log: {config.log_files.sync or 'the service journal'}",
+    ]
+    what = ", ".join([*sorted(sources), *sorted(epns)])
+    subject = f"mxsync: failing for {config.failure_alert_cycles}+ cycles: {what}" if epns else f"mxsync: {what} failing"
+    message = build_message(subject, config.email_from, config.mxsync_email_to, "\n".join(lines) + "\n")
+    try:
+        answer = send_message(config.smtp, message, config.mxsync_email_to)
+    except MailError as error:
+        logger.error("Could not send the failure alert about %s: %s", what, error)
+        return False
+    logger.warning("Sent a failure alert about %s to %s (%s)", what, ", ".join(config.mxsync_email_to), answer)
+    return True

@@ -1,0 +1,48 @@
+"""Where an EPN lands, and whether the destination root is safe to write to at all."""
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from mxsync.errors import DestinationError, UnsafeNameError
+from mxsync.names import check_epn, describe, is_project
+
+logger = logging.getLogger("mxsync.destination")
+
+
+def check_destination_root(config):
+    """Raise DestinationError if the root is missing, not a directory, not writable, or not the required mount point."""
+    root = config.destination_root
+    if not root.is_dir():
+        raise DestinationError(
+            f"destination-root-path {root} does not exist or is not a directory; "
+            "is the file system mounted? No transfer was started"
+        )
+    if config.destination_must_be_mount_point and not os.path.ismount(root):
+        raise DestinationError(
+            f"destination-root-path {root} is not a mount point (destination-must-be-mount-point is set); "
+            "mount the file system; no transfer was started so the root file system does not fill up"
+        )
+    try:
+        # os.access ignores read-only mounts and ACL subtleties; creating a file is the real test.
+        with tempfile.TemporaryFile(dir=root, prefix=".mxsync-write-test-"):
+            pass
+    except OSError as error:
+        raise DestinationError(
+            f"destination-root-path {root} is not writable ({error.strerror}); no transfer was started"
+        ) from None
+
+
+def epn_destination(config, project, epn):
+    """Given a project folder and an EPN, return root/project/epn/data, refusing anything that would leave the root."""
+    check_epn(epn, "the plan")
+    if not is_project(project):
+        raise UnsafeNameError(f"project folder {describe(project)} for {epn} is not a safe folder name")
+    root = Path(os.path.realpath(config.destination_root))
+    target = root / project / epn / "data"
+    # A symlinked project folder could point anywhere; the resolved path must still be inside the root.
+    resolved = Path(os.path.realpath(target))
+    if resolved != target and root not in resolved.parents:
+        raise UnsafeNameError(f"{target} resolves to {resolved}, outside destination-root-path {root}; refusing to write there")
+    return target

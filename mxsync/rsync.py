@@ -8,6 +8,7 @@ gives both the progress and the list that verification checks against the destin
 import logging
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -151,7 +152,7 @@ class RsyncRunner:
 
     def _run_quick(self, arguments, what):
         """Run a short ssh command; return (exit code, stderr text)."""
-        logger.debug("Running (%s): %s", what, masker.mask(" ".join(arguments)))
+        logger.debug("Running (%s): %s", what, masker.mask(shlex.join(arguments)))
         # A master ssh forks into the background and would hold a stderr pipe open: use a file.
         with tempfile.TemporaryFile() as stderr_file:
             try:
@@ -184,7 +185,7 @@ class RsyncRunner:
         `progress(result)` is called as files are reported; the process is stopped by stop_all().
         """
         arguments = self.rsync_arguments(source, destination)
-        logger.debug("%s: running %s", epn, masker.mask(" ".join(arguments)))
+        logger.debug("%s: running %s", epn, masker.mask(shlex.join(arguments)))
         result = TransferResult(epn)
         started = time.monotonic()
         stderr_tail = deque(maxlen=STDERR_TAIL_LINES)

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 from mxsync.config import load_config
 from mxsync.errors import PortalError
 from mxsync.history import LOCK_FILE_NAME, History
+from mxsync.names import epn_number
 from mxsync.plan import fetch_visits, make_plan
 from mxsync.portal import PortalClient
 from mxsync.state import IgnoreFile, InstanceLock
@@ -40,7 +41,7 @@ def collect_status(config):
             {
                 "epn": epn,
                 "state": state,
-                "project": config.project_for(epn.rstrip("abcdefghijklmnopqrstuvwxyz")),
+                "project": config.project_for(epn_number(epn)),
                 "visit_end": visit.end.isoformat() if visit and visit.end else None,
                 "failures": failure["failures"] if failure else 0,
                 "last_error": failure.get("last_error") if failure else None,

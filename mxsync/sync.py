@@ -168,6 +168,12 @@ class SyncCycle:
         try:
             result = self._transfer_with_retries(transfer)
             self._verify_and_record(transfer, result)
+        except OSError as error:
+            message = f"{epn}: cannot prepare {transfer.destination}: {error.strerror or error}"
+            logger.error("%s: FAILED: %s", epn, message)
+            self.outcome.failed[epn] = message
+            if self.execute:
+                self.history.epn_finished(epn, error=message)
         except RsyncError as error:
             if self.stop.is_set() and error.returncode == 20:
                 logger.warning("%s: stopped before it finished; nothing recorded", epn)

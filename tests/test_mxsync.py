@@ -380,3 +380,20 @@ def _snapshot_outside(facility):
         str(path) for path in facility.workdir.rglob("*")
         if not any(path == root or root in path.parents for root in skip) and "sshd" not in path.name
     )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can create folders anywhere")
+def test_project_folder_that_cannot_be_created_fails_only_that_epn(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    facility.add_experiment("mx", "12283a", equipment_id=23, **ENDED)
+    locked = facility.destination / "ab12"
+    locked.mkdir()
+    locked.chmod(0o500)
+    config = facility.write_config(epn_cap_map={"12282": "ny79", "12283": "ab12"})
+    try:
+        result = mxsync("--config", config, "--execute", "--once")
+    finally:
+        locked.chmod(0o700)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert recorded(config) == {"12282a"}
+    assert "12283a: FAILED: 12283a: cannot prepare" in sync_log(facility)

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import requests
 
 from mxsync.errors import PortalError
-from mxsync.logsetup import masker
+from mxsync.logsetup import FILE_ONLY, masker
 from mxsync.names import describe, is_epn
 
 logger = logging.getLogger("mxsync.portal")
@@ -137,7 +137,11 @@ class PortalClient:
                 problem = f"HTTP {response.status_code}{_page_summary(response)}"
             if attempt < attempts:
                 delay = self.config.portal_retry_delay * 2 ** (attempt - 1)
-                logger.warning("Portal %s: %s: %s; retrying in %.1f s (%d/%d)", self.config.base_url, what, problem, delay, attempt, attempts - 1)
+                # File only: if the retries fail, the error says so; under cron every console line becomes mail.
+                logger.warning(
+                    "Portal %s: %s: %s; retrying in %.1f s (%d/%d)", self.config.base_url, what, problem, delay, attempt, attempts - 1,
+                    extra=FILE_ONLY,
+                )
                 time.sleep(delay)
         raise PortalError(f"portal {self.config.base_url} unusable: {what}: {problem} (after {attempts} attempts)")
 
@@ -152,7 +156,7 @@ class PortalClient:
             )
         try:
             body = json.loads(response.content)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays or objects nested thousands deep
             raise PortalError(
                 f"portal {self.config.base_url}: {what}: answer is not valid JSON (starts {describe(response.text[:60])})"
             ) from None

@@ -42,7 +42,7 @@ def collect_status(config):
                 "epn": epn,
                 "state": state,
                 "project": config.project_for(epn_number(epn)),
-                "visit_end": visit.end.isoformat() if visit and visit.end else None,
+                "visit_end": visit.end.astimezone(timezone.utc).isoformat() if visit and visit.end else None,
                 "failures": failure["failures"] if failure else 0,
                 "last_error": failure.get("last_error") if failure else None,
             }
@@ -61,10 +61,11 @@ def run_status(config_path, as_json=False):
     if as_json:
         print(json.dumps({"epns": rows, "notes": notes}, indent=2))
         return 0
-    print(f"{'EPN':<12} {'STATE':<10} {'PROJECT':<12} {'VISIT END':<26} DETAIL")
+    print(f"{'EPN':<12} {'STATE':<10} {'PROJECT':<12} {'VISIT END (UTC)':<17} DETAIL")
     for row in rows:
         detail = f"{row['failures']} failure(s): {row['last_error']}" if row["failures"] else ""
-        print(f"{row['epn']:<12} {row['state']:<10} {row['project'] or '-':<12} {row['visit_end'] or '-':<26} {detail}")
+        visit_end = row["visit_end"][:16].replace("T", " ") if row["visit_end"] else "-"
+        print(f"{row['epn']:<12} {row['state']:<10} {row['project'] or '-':<12} {visit_end:<17} {detail}".rstrip())
     for note in notes:
         print(f"note: {note}")
     return 0

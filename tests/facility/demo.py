@@ -30,7 +30,7 @@ def main(arguments):
         facility.add_experiment("mx", "13001a")  # on SFTP with no visit in range
         facility.portal.add_visit(23, "14002a", now + timedelta(days=2), now + timedelta(days=3))  # booked, no data yet
         facility.add_experiment("mx", "12282c", equipment_id=23, start=now - timedelta(hours=3), end=now + timedelta(hours=5))
-        config = facility.write_config(epn_cap_map={"12282": "ny79"})
+        config = facility.write_config(epn_cap_map={"12282": "ny79"}, log_level="INFO")
         print(f"Simulated facility up: sshd on 127.0.0.1:{facility.sshd.port}, portal {facility.portal.url}, "
               f"SMTP sink on port {facility.smtp.port}\nConfig: {config}\n")
 

@@ -121,3 +121,23 @@ def test_instance_lock_names_its_holder(tmp_path):
         holder.join()
     with InstanceLock(path):
         pass
+
+
+@pytest.mark.parametrize(
+    "epns",
+    [
+        {"12282a", "9a", "123456789012abcd"},
+        {"12282a", "0123a"},  # a leading zero takes the YAML path
+        {"12282"},  # a bare number (hand-written) must stay quoted
+    ],
+)
+def test_fast_rendering_matches_yaml_and_round_trips(tmp_path, epns):
+    import yaml
+
+    from mxsync.state import IGNORE_HEADER, IGNORE_KEY
+
+    text = IgnoreFile.render(epns)
+    assert text == IGNORE_HEADER + yaml.safe_dump({IGNORE_KEY: sorted(epns)}, default_flow_style=False)
+    path = tmp_path / "ignore.yml"
+    path.write_text(text)
+    assert IgnoreFile(path).load() == epns == {str(entry) for entry in yaml.safe_load(text)[IGNORE_KEY]}

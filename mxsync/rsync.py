@@ -13,10 +13,10 @@ import subprocess
 import tempfile
 import threading
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Tuple
 
 from mxsync.errors import RsyncError
 from mxsync.logsetup import masker
@@ -59,12 +59,55 @@ STDERR_TAIL_LINES = 15
 ESCAPED_BYTE = re.compile(rb"\\#([0-7]{3})")
 
 
+class FileList:
+    """The (relative path, size) of every regular file rsync reported, stored compactly.
+
+    A list of tuples costs about 170 bytes per file, which for an EPN of 20,000 files grew
+    mxsync's peak RSS by 15%; packed names and an array of sizes cost the name's length plus 9.
+    """
+
+    def __init__(self, items=()):
+        self._names = bytearray()  # each path's bytes followed by NUL, which no path can hold
+        self._sizes = array("q")
+        for name, size in items:
+            self.append((name, size))
+
+    def append(self, item):
+        name, size = item
+        self.add_raw(os.fsencode(name), size)
+
+    def add_raw(self, relative, size):
+        """Add a path given as the bytes rsync printed (already unescaped)."""
+        self._names += relative
+        self._names.append(0)
+        self._sizes.append(size)
+
+    def __len__(self):
+        return len(self._sizes)
+
+    def __iter__(self):
+        names, start = self._names, 0
+        for size in self._sizes:
+            end = names.index(0, start)
+            yield os.fsdecode(bytes(names[start:end])), size
+            start = end + 1
+
+    def __eq__(self, other):
+        try:
+            return list(self) == list(other)
+        except TypeError:
+            return NotImplemented
+
+    def __repr__(self):
+        return f"FileList({list(self)!r})"
+
+
 @dataclass
 class TransferResult:
     """What one rsync run reported: every regular file of the source with its size, and what moved."""
 
     epn: str
-    files: List[Tuple[str, int]] = field(default_factory=list)
+    files: FileList = field(default_factory=FileList)
     files_transferred: int = 0
     bytes_transferred: int = 0
     seconds: float = 0.0
@@ -179,12 +222,13 @@ class RsyncRunner:
             raise _failure(f"listing {source}", result.returncode, result.stderr.splitlines())
         return f"{len(result.stdout.splitlines())} entries"
 
-    def transfer(self, epn, source, destination, progress=None):
+    def transfer(self, epn, source, destination, progress=None, dry_run=None):
         """Run one rsync of source/ into destination/; return a TransferResult or raise RsyncError.
 
         `progress(result)` is called as files are reported; the process is stopped by stop_all().
+        `dry_run` overrides the runner's own setting for this run (a check that nothing is left to send).
         """
-        arguments = self.rsync_arguments(source, destination)
+        arguments = self.rsync_arguments(source, destination, dry_run=dry_run)
         logger.debug("%s: running %s", epn, masker.mask(shlex.join(arguments)))
         result = TransferResult(epn)
         started = time.monotonic()
@@ -265,7 +309,7 @@ def _record_item(result, raw_line, epn):
         return
     relative = ESCAPED_BYTE.sub(lambda match: bytes([int(match.group(1), 8)]), name)
     size = int(size)
-    result.files.append((os.fsdecode(relative), size))
+    result.files.add_raw(relative, size)
     if item[:1] in (b">", b"c"):
         result.files_transferred += 1
         result.bytes_transferred += size

@@ -14,7 +14,7 @@ from typing import Dict, List
 
 from mxsync import alerts
 from mxsync.destination import check_destination_root
-from mxsync.errors import DestinationError, RsyncError
+from mxsync.errors import DestinationError, RsyncError, StateFileError
 from mxsync.plan import fetch_visits, make_plan, summarise
 from mxsync.rsync import verify_destination
 
@@ -168,8 +168,10 @@ class SyncCycle:
         try:
             result = self._transfer_with_retries(transfer)
             self._verify_and_record(transfer, result)
-        except OSError as error:
-            message = f"{epn}: cannot prepare {transfer.destination}: {error.strerror or error}"
+        except (OSError, StateFileError) as error:  # StateFileError: ignore.yml could not be written
+            message = str(error) if isinstance(error, StateFileError) else (
+                f"{epn}: cannot prepare {transfer.destination}: {error.strerror or error}"
+            )
             logger.error("%s: FAILED: %s", epn, message)
             self.outcome.failed[epn] = message
             if self.execute:
@@ -231,6 +233,19 @@ class SyncCycle:
                 f"{epn}: verification failed, {len(problems)} file(s) incomplete at the destination "
                 f"(first: {problems[0]}); not recorded"
             )
+        # rsync's own list is from before the transfer: a file that grew while it was sent (processing still
+        # writing after the visit ended) arrives short yet matches it. So after a transfer that moved anything, a
+        # dry run against a fresh listing of the source must find nothing left to send. (A run that moved nothing
+        # was itself such a comparison.)
+        if result.files_transferred:
+            recheck = self.runner.transfer(epn, transfer.source, transfer.destination, dry_run=True)
+            problems = verify_destination(recheck, transfer.destination)
+            if problems or recheck.files_transferred:
+                raise RsyncError(
+                    f"{epn}: verification failed, the source changed during the transfer "
+                    f"({problems[0] if problems else f'{recheck.files_transferred} file(s) left to send'}); "
+                    "not recorded, the next cycle sends the rest"
+                )
         self.ignore.add([epn])
         self.outcome.synced.append(epn)
         logger.info("%s: synced and verified, recorded in %s: %s", epn, self.ignore.path.name, figures)

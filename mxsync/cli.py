@@ -56,6 +56,12 @@ def main(argv=None):
 
 
 def dispatch(arguments):
+    if arguments.command in ("check", "status"):
+        import logging
+
+        # These print their own lines; without a handler Python would print stray warnings
+        # (e.g. the portal's retries) bare on stderr, next to the one-line error.
+        logging.getLogger().addHandler(logging.NullHandler())
     if arguments.command == "check":
         from mxsync.check import run_check
 

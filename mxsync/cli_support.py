@@ -31,16 +31,20 @@ def load_and_log(config_path, log_file_key, extra_files=(), dry_run=False, verbo
     from mxsync.config import load_config
 
     config = load_config(config_path)
-    setup_logging(
-        config.log_level,
-        log_file=getattr(config.log_files, log_file_key),
-        extra_files=[(logger_name, getattr(config.log_files, key)) for logger_name, key in extra_files],
-        max_bytes=config.log_max_bytes,
-        backup_count=config.log_backup_count,
-        secrets=config.secrets(),
-        dry_run=dry_run,
-        verbose=verbose,
-    )
+    try:
+        setup_logging(
+            config.log_level,
+            log_file=getattr(config.log_files, log_file_key),
+            extra_files=[(logger_name, getattr(config.log_files, key)) for logger_name, key in extra_files],
+            max_bytes=config.log_max_bytes,
+            backup_count=config.log_backup_count,
+            secrets=config.secrets(),
+            dry_run=dry_run,
+            verbose=verbose,
+        )
+    except OSError as error:  # a log path that is a directory, or whose folder cannot be created
+        where = error.filename or "a log file"
+        raise ConfigError(config.path, [f"log-files: cannot open {where}: {error.strerror or error}"]) from None
     for warning in config.warnings:
         logging.getLogger("mxsync.config").warning("%s", warning)
     return config

@@ -6,6 +6,7 @@ collected and reported together, each at its key path (`equipment[1].id: expecte
 
 import difflib
 import logging
+import math
 import os
 import re
 import stat
@@ -164,9 +165,15 @@ def _number(minimum=0):
     def convert(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _expected("a number", value)
-        if value < minimum:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan and .inf would pass every comparison below, then crash a sleep
+            raise _expected("a finite number", value)
+        if number < minimum:
             raise _Invalid(f"expected a number of at least {minimum}, got {value}")
-        return float(value)
+        return number
 
     return convert
 

@@ -3,13 +3,24 @@
 Kept in `mxsync-state.json` beside ignore.yml; losing it costs only history, never a sync record.
 """
 
+import logging
 import threading
 from datetime import datetime, timezone
 
+from mxsync.errors import StateFileError
+from mxsync.names import describe
 from mxsync.state import JsonStore
+
+logger = logging.getLogger("mxsync.history")
 
 STATE_FILE_NAME = "mxsync-state.json"
 LOCK_FILE_NAME = "mxsync.lock"
+
+
+def _usable_entry(entry):
+    """True if an EPN or source entry has the shape this module writes (a mapping with a failure count)."""
+    failures = entry.get("failures") if isinstance(entry, dict) else None
+    return isinstance(failures, int) and not isinstance(failures, bool)
 
 
 def utc_now_text():
@@ -24,13 +35,23 @@ class History:
         self.read_only = read_only
         self.data = self.store.load()
         for key in ("epns", "sources", "running"):
-            if not isinstance(self.data.get(key), dict):
-                self.data[key] = {}
+            entries = self.data.setdefault(key, {})
+            # A hand-edited or damaged file is refused like a corrupt one, never "repaired" by overwriting it.
+            if not isinstance(entries, dict) or key != "running" and not all(map(_usable_entry, entries.values())):
+                raise StateFileError(
+                    f"{self.store.path}: the mxsync failure history has an unusable '{key}' section "
+                    f"({describe(entries)}); move the file aside to start a fresh history"
+                )
         self._lock = threading.Lock()
 
     def save(self):
-        if not self.read_only:
+        if self.read_only:
+            return
+        try:
             self.store.save(self.data)
+        except OSError as error:
+            # Losing the history costs only alerts and status details: never stop a transfer for it.
+            logger.error("%s: cannot save the failure history: %s", self.store.path, error.strerror or error)
 
     def epn_started(self, epn):
         with self._lock:

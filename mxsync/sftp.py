@@ -95,6 +95,12 @@ class SftpClient:
             entries = self._sftp.listdir_attr(source_path)
         except (OSError, paramiko.SSHException, socket.timeout, EOFError) as error:
             raise SftpError(f"SFTP {self.where}: cannot list {source_path}: {error or type(error).__name__}") from None
+        except UnicodeDecodeError as error:  # paramiko decodes every name as UTF-8 and gives up on the first that is not
+            name = error.object[max(0, error.start - 20):error.end + 20]
+            raise SftpError(
+                f"SFTP {self.where}: cannot list {source_path}: an entry's name is not UTF-8 (near {name!r}); "
+                "rename it on the facility side"
+            ) from None
         epns, suspicious = [], []
         for entry in entries:
             if not stat.S_ISDIR(entry.st_mode or 0):

@@ -161,7 +161,7 @@ def _integer(minimum=None, maximum=None):
     return convert
 
 
-def _number(minimum=0):
+def _number(minimum=0, maximum=86400):
     def convert(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _expected("a number", value)
@@ -173,6 +173,9 @@ def _number(minimum=0):
             raise _expected("a finite number", value)
         if number < minimum:
             raise _Invalid(f"expected a number of at least {minimum}, got {value}")
+        # Larger values are typos, and would overflow the timers they feed.
+        if number > maximum:
+            raise _Invalid(f"expected a number of at most {maximum}, got {value}")
         return number
 
     return convert
@@ -292,12 +295,12 @@ TOP_LEVEL = {
     "epnalert-template-text": (_string, None),
     "epnalert-template-html": (_string, None),
     "epnalert-only-new": (_boolean, False),
-    "epnalert-repeat-days": (_number(0), 0.0),
+    "epnalert-repeat-days": (_number(0, 3650), 0.0),
     "mxsync-email-to": (_email_list, None),
     "visit-day-range": (_integer(1, 36500), 30),
     "destination-root-path": (_string, REQUIRED),
     "destination-must-be-mount-point": (_boolean, False),
-    "sync-frequency-hours": (_number(0.001), 24.0),
+    "sync-frequency-hours": (_number(0.001, 8760), 24.0),
     "max-tasks": (_integer(1, 64), 1),
     "rsync-options": (_string_list, ()),
     "rsync-bwlimit": (_bwlimit, None),

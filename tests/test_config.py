@@ -138,3 +138,9 @@ def test_missing_file(tmp_path):
 
 def test_secrets_listed_for_masking(legacy_copy):
     assert set(load_config(legacy_copy).secrets()) == {"password"}
+
+
+@pytest.mark.parametrize("key, value", [("sync-frequency-hours", 1e300), ("portal-timeout", 1e9), ("epnalert-repeat-days", 4000)])
+def test_absurd_durations_are_refused(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=f"{key}: expected a number of at most"):
+        load_config(write(tmp_path, {**legacy_data(), key: value}))

@@ -124,29 +124,28 @@ class SyncCycle:
         return plan
 
     def _destination_ready(self):
-        try:
+        def check():
             if self.execute:
                 check_destination_root(self.config)
             elif not self.config.destination_root.is_dir():
                 raise DestinationError(f"destination-root-path {self.config.destination_root} does not exist")
-        except DestinationError as error:
-            logger.error("%s", error)
-            self.history.source_result("destination", str(error))
-            self.outcome.problems.append(str(error))
-            return False
-        self.history.source_result("destination")
-        return True
+
+        return self._source_usable("destination", check)
 
     def _host_reachable(self):
         self.activity.phase = f"connecting to {self.config.ssh_target}"
+        return self._source_usable("ssh", self.runner.connect, consequence="; no transfer started this cycle")
+
+    def _source_usable(self, source, check, consequence=""):
+        """Run check(); return True, or log the failure, count it against `source` and return False."""
         try:
-            self.runner.connect()
-        except RsyncError as error:
-            logger.error("%s; no transfer started this cycle", error)
-            self.history.source_result("ssh", str(error))
+            check()
+        except (DestinationError, RsyncError) as error:
+            logger.error("%s%s", error, consequence)
+            self.history.source_result(source, str(error))
             self.outcome.problems.append(str(error))
             return False
-        self.history.source_result("ssh")
+        self.history.source_result(source)
         return True
 
     def _transfer_all(self, transfers):
@@ -168,14 +167,10 @@ class SyncCycle:
         try:
             result = self._transfer_with_retries(transfer)
             self._verify_and_record(transfer, result)
-        except (OSError, StateFileError) as error:  # StateFileError: ignore.yml could not be written
-            message = str(error) if isinstance(error, StateFileError) else (
-                f"{epn}: cannot prepare {transfer.destination}: {error.strerror or error}"
-            )
-            logger.error("%s: FAILED: %s", epn, message)
-            self.outcome.failed[epn] = message
-            if self.execute:
-                self.history.epn_finished(epn, error=message)
+        except OSError as error:
+            self._failed(epn, f"{epn}: cannot prepare {transfer.destination}: {error.strerror or error}")
+        except StateFileError as error:  # ignore.yml could not be written
+            self._failed(epn, str(error))
         except RsyncError as error:
             if self.stop.is_set() and error.returncode == 20:
                 logger.warning("%s: stopped before it finished; nothing recorded", epn)
@@ -183,15 +178,18 @@ class SyncCycle:
                 if self.execute:
                     self.history.epn_finished(epn, stopped=True)
             else:
-                logger.error("%s: FAILED: %s", epn, error)
-                self.outcome.failed[epn] = str(error)
-                if self.execute:
-                    self.history.epn_finished(epn, error=str(error))
+                self._failed(epn, str(error))
         else:
             if self.execute:
                 self.history.epn_finished(epn)
         finally:
             self.activity.finish(epn)
+
+    def _failed(self, epn, message):
+        logger.error("%s: FAILED: %s", epn, message)
+        self.outcome.failed[epn] = message
+        if self.execute:
+            self.history.epn_finished(epn, error=message)
 
     def _transfer_with_retries(self, transfer):
         attempts = self.config.rsync_retries + 1

@@ -6,7 +6,6 @@ Old deployments run `mxsync --config C [--execute]`; that still means `mxsync ru
 import argparse
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "check", "status")
 
 

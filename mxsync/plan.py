@@ -40,7 +40,6 @@ class Plan:
     not_ended: List[str] = field(default_factory=list)
     refused: List[str] = field(default_factory=list)
     suspicious: list = field(default_factory=list)
-    portal_errors: List[str] = field(default_factory=list)
 
 
 def fetch_visits(config, portal, now):
@@ -69,9 +68,9 @@ def fetch_visits(config, portal, now):
     return current, previous, suspicious, errors, current_start
 
 
-def make_plan(config, current, previous, synced, current_start, suspicious=(), portal_errors=()):
+def make_plan(config, current, previous, synced, current_start, suspicious=()):
     """Given visits and the set of synced EPNs, return the Plan; pure apart from path resolution."""
-    plan = Plan(current_start, suspicious=list(suspicious), portal_errors=list(portal_errors))
+    plan = Plan(current_start, suspicious=list(suspicious))
     not_ended = {visit.epn for visit in current + previous if visit.end is None or visit.end >= current_start}
     finished = {}
     for visit in previous:

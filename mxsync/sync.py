@@ -112,7 +112,7 @@ class SyncCycle:
             return None
         if errors:
             self.outcome.problems.append(f"portal: {len(errors)} request(s) failed; those visits were skipped")
-        plan = make_plan(self.config, current, previous, synced, current_start, suspicious, errors)
+        plan = make_plan(self.config, current, previous, synced, current_start, suspicious)
         logger.info("Plan (visits ended before %s): %s", current_start.isoformat(timespec="minutes"), summarise(plan))
         for epn in plan.unmapped:
             logger.info("%s: its number is not in epn_cap_map; not synced (epnalert reports it)", epn)

@@ -42,7 +42,16 @@ def _probes(config):
     for name in (config.template_text, config.template_html):
         if name is not None:
             yield f"template {name}", lambda name=name: _readable("epnalert-template-folder", config.template_folder / name)
+    yield "state directory", lambda: _writable_folder(config.state_dir)
+    if config.ignore_file.parent != config.state_dir:
+        yield "ignore file folder", lambda: _writable_folder(config.ignore_file.parent)
+    for key in ("sync", "epnalert", "email"):
+        path = getattr(config.log_files, key)
+        if path is not None:
+            yield f"log file {key}", lambda path=path: _appendable(path)
     yield "destination", lambda: destination.check_destination_root(config) or str(config.destination_root)
+    for project in sorted(set(config.epn_cap_map.values())):
+        yield f"project folder {project}", lambda project=project: _writable_folder(config.destination_root / project, create=False)
 
     def list_sources():
         with SftpClient(config) as client:
@@ -50,6 +59,7 @@ def _probes(config):
         return "; ".join(counts)
 
     yield f"SSH login and SFTP listing on {config.ssh_target}:{config.port}", list_sources
+    yield f"shared ssh connection to {config.ssh_target}", lambda: _shared_connection(config)
     for path in config.source_paths:
         yield f"rsync over ssh {config.ssh_target}:{path}", lambda path=path: rsync.RsyncRunner(config).check_listing(path)
     portal = PortalClient(config)
@@ -64,3 +74,48 @@ def _readable(key, path):
             return str(path)
     except OSError as error:
         raise MxsyncError(f"{key} {path}: {error.strerror}") from None
+
+
+def _writable_folder(folder, create=True):
+    """Check that files can be created in `folder` (or, if it does not exist, in the nearest existing parent)."""
+    import tempfile
+
+    target = folder
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if target != folder and not create:
+        detail = f"does not exist yet; mxsync will create it in {target}"
+    else:
+        detail = str(folder)
+    try:
+        with tempfile.TemporaryFile(dir=target, prefix=".mxsync-check-"):
+            pass
+    except OSError as error:
+        raise MxsyncError(f"{target}: cannot create files there ({error.strerror}); fix its owner or mode") from None
+    return detail
+
+
+def _appendable(path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            return str(path)
+    except OSError as error:
+        raise MxsyncError(f"{path}: cannot write ({error.strerror}); fix its owner or mode") from None
+
+
+def _shared_connection(config):
+    """Open the shared ssh connection exactly as a cycle does; say whether transfers will share it."""
+    from mxsync import rsync
+
+    if not config.ssh_connection_sharing:
+        return "off (ssh-connection-sharing: false); each transfer logs in on its own"
+    runner = rsync.RsyncRunner(config)
+    try:
+        reason = runner.connect()
+        if reason is not None:
+            print(f"warning shared ssh connection could not start ({reason}); each transfer will log in on its own")
+            return "login works without it"
+        return f"{len(runner.connection.masters)} master connection(s)"
+    finally:
+        runner.close()

@@ -15,6 +15,9 @@ def build_parser():
         description="Repatriate finished synchrotron experiments (EPNs) into HPC project folders with rsync over ssh.",
         epilog="Without a command, 'run' is assumed: 'mxsync --config C --execute' works as it always has.",
     )
+    from mxsync import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{run,check,status}")
 
     run = commands.add_parser("run", help="sync finished visits, every sync-frequency-hours (default command)")
@@ -42,7 +45,7 @@ def add_config_argument(parser):
 def parse_arguments(argv):
     """Given argv without the program name, return parsed arguments; no command means 'run'."""
     argv = list(argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "run")
     return build_parser().parse_args(argv)
 

@@ -1,6 +1,7 @@
 """What both command lines share: turning our errors into one line and an exit code, loading config with logging."""
 
 import logging
+import os
 import sys
 
 from mxsync.errors import ConfigError, MxsyncError
@@ -21,6 +22,11 @@ def run_reporting_errors(program, action):
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`mxsync status | head`): stop quietly, and keep Python's final flush quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def load_and_log(config_path, log_file_key, extra_files=(), dry_run=False, verbose=False):
@@ -31,6 +37,14 @@ def load_and_log(config_path, log_file_key, extra_files=(), dry_run=False, verbo
     from mxsync.config import load_config
 
     config = load_config(config_path)
+    apply_logging(config, log_file_key, extra_files, dry_run, verbose)
+    for warning in config.warnings:
+        logging.getLogger("mxsync.config").warning("%s", warning)
+    return config
+
+
+def apply_logging(config, log_file_key, extra_files=(), dry_run=False, verbose=False):
+    """Route logging as the config says (level, files, rotation) and register its secrets with the masker."""
     try:
         setup_logging(
             config.log_level,
@@ -45,6 +59,3 @@ def load_and_log(config_path, log_file_key, extra_files=(), dry_run=False, verbo
     except OSError as error:  # a log path that is a directory, or whose folder cannot be created
         where = error.filename or "a log file"
         raise ConfigError(config.path, [f"log-files: cannot open {where}: {error.strerror or error}"]) from None
-    for warning in config.warnings:
-        logging.getLogger("mxsync.config").warning("%s", warning)
-    return config

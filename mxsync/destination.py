@@ -1,5 +1,6 @@
 """Where an EPN lands, and whether the destination root is safe to write to at all."""
 
+import errno
 import logging
 import os
 import tempfile
@@ -9,6 +10,10 @@ from mxsync.errors import DestinationError, UnsafeNameError
 from mxsync.names import check_epn, describe, is_project
 
 logger = logging.getLogger("mxsync.destination")
+
+# What rsync's --chmod=Dg+s,ug+w,o-wx,ug+X makes of a 0755 folder: the folders mxsync creates look like
+# the ones rsync creates, whatever the service's umask (the unit's 0027 would give drwxr-s---).
+FOLDER_MODE = 0o2774
 
 
 def check_destination_root(config):
@@ -46,3 +51,30 @@ def epn_destination(config, project, epn):
     if resolved != target and root not in resolved.parents:
         raise UnsafeNameError(f"{target} resolves to {resolved}, outside destination-root-path {root}; refusing to write there")
     return target
+
+
+def make_epn_folders(config, destination):
+    """Create the folders from the root down to `destination` one at a time, never following a symlink."""
+    root = Path(os.path.realpath(config.destination_root))
+    parts = Path(destination).relative_to(root).parts
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for depth, part in enumerate(parts, 1):
+            try:
+                os.mkdir(part, FOLDER_MODE, dir_fd=directory)
+                created = True
+            except FileExistsError:
+                created = False
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+            except OSError as error:
+                if error.errno in (errno.ELOOP, errno.ENOTDIR):
+                    path = root.joinpath(*parts[:depth])
+                    raise UnsafeNameError(f"{path} is a symlink or not a folder; refusing to write through it") from None
+                raise
+            if created:
+                os.fchmod(child, FOLDER_MODE)  # mkdir's mode is cut by the umask
+            os.close(directory)
+            directory = child
+    finally:
+        os.close(directory)

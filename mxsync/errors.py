@@ -49,6 +49,14 @@ class RsyncError(MxsyncError):
         self.transient = transient
 
 
+class ProcessStartError(RsyncError):
+    """rsync or ssh could not be started here (missing binary, no memory): a local problem."""
+
+
+class TransferStopped(MxsyncError):
+    """A transfer ended because mxsync was asked to stop: neither a failure nor a success."""
+
+
 class DestinationError(MxsyncError):
     """The destination root is missing, not writable, or not the configured mount point."""
 

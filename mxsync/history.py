@@ -62,6 +62,7 @@ class History:
         """Record the end of an EPN's attempt: a success clears its history, a failure counts one more."""
         with self._lock:
             self.data["running"].pop(epn, None)
+            self.data.get("waiting", {}).pop(epn, None)
             if stopped:
                 pass  # an interrupted transfer says nothing about the EPN
             elif error is None:
@@ -69,6 +70,13 @@ class History:
             else:
                 entry = self.data["epns"].setdefault(epn, {"failures": 0, "alerted": False})
                 entry.update(failures=entry["failures"] + 1, last_error=error, last_attempt=utc_now_text())
+            self.save()
+
+    def epn_waiting(self, epn, reason):
+        """Note that the facility has no data for an EPN yet: not a failure, shown by `mxsync status`."""
+        with self._lock:
+            entry = self.data.setdefault("waiting", {}).setdefault(epn, {"since": utc_now_text()})
+            entry.update(reason=reason, last_attempt=utc_now_text())
             self.save()
 
     def source_result(self, source, error=None):

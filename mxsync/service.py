@@ -1,128 +1,227 @@
-"""The mxsync service loop: a cycle now, then one every sync-frequency-hours, until SIGTERM or SIGINT.
+"""The mxsync service loop: a cycle now, then one every sync-frequency-hours, until stopped.
 
-On a stop signal nothing new starts, running rsyncs are stopped and nothing is recorded for
-them; the process exits within seconds. config.yml is re-read before each cycle, so staff can
-map a new EPN without restarting the service.
+SIGTERM and SIGINT stop it: nothing new starts, running rsyncs are stopped and nothing is
+recorded for them. SIGHUP re-reads config.yml (logging and masking included); it is also
+re-read before each cycle, so staff can map a new EPN without restarting the service. On
+every exit path, expected or not, the processes mxsync started are stopped with it.
 """
 
+import json
 import logging
 import signal
 import sys
 import threading
+import time
 from datetime import datetime, timedelta
 
-from mxsync.cli_support import load_and_log
+from mxsync.cli_support import apply_logging, load_and_log
 from mxsync.config import load_config
 from mxsync.errors import ConfigError
 from mxsync.history import LOCK_FILE_NAME, History
 from mxsync.notify import SystemdNotifier
 from mxsync.portal import PortalClient
+from mxsync.processes import supervisor
 from mxsync.rsync import RsyncRunner
-from mxsync.state import IgnoreFile, InstanceLock
+from mxsync.state import IgnoreFile, InstanceLock, atomic_write
 from mxsync.sync import Activity, SyncCycle
 
 logger = logging.getLogger("mxsync.service")
 
 PROGRESS_INTERVAL = 1.0
+ACTIVITY_FILE_NAME = "mxsync-activity.json"
+# While ignore.yml is unreadable, look again this often, so that a fixed file resumes transfers soon.
+RECORD_RETRY_SECONDS = 60.0
+RECORD_POLL_SECONDS = 1.0
+# Keys a running service cannot change: the instance lock and every state file live in state-dir.
+RESTART_KEYS = {"state_dir": "state-dir"}
 
 
-class Stopper:
-    """Turns SIGTERM/SIGINT into a stop event and stops the running rsyncs of the current cycle."""
+class Signals:
+    """Turns SIGTERM/SIGINT into a stop (stopping every child at once) and SIGHUP into a reload request."""
 
     def __init__(self):
-        self.event = threading.Event()
-        self.runner = None
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.reload_requested = False
+        self.stop_reason = None
 
     def install(self):
         for signal_number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signal_number, self._handle)
+            signal.signal(signal_number, self._stop)
+        signal.signal(signal.SIGHUP, self._reload)
 
-    def _handle(self, signal_number, _frame):
-        logger.warning("Received %s: starting nothing new, stopping running transfers", signal.Signals(signal_number).name)
-        self.event.set()
-        if self.runner is not None:
-            self.runner.stop_all()
+    def _stop(self, signal_number, _frame):
+        name = signal.Signals(signal_number).name
+        logger.warning("Received %s: starting nothing new, stopping running transfers", name)
+        self.stop_reason = self.stop_reason or f"{name} received"
+        self.stop.set()
+        self.wake.set()
+        supervisor.terminate_all()
+
+    def _reload(self, _signal_number, _frame):
+        logger.info("Received SIGHUP: reloading the configuration")
+        self.reload_requested = True
+        self.wake.set()
+
+    def wait(self, seconds):
+        """Sleep until `seconds` pass, a stop, or a reload request; return True if stopping."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.reload_requested:
+                break
+            self.wake.wait(remaining)
+            self.wake.clear()
+        return self.stop.is_set()
 
 
 def run_service(config_path, execute, once, verbose=False):
     """Run cycles until stopped (or one with `once`); return the exit code."""
     config = load_and_log(config_path, "sync", dry_run=not execute, verbose=verbose)
-    ignore = IgnoreFile(config.ignore_file)
-    ignore.load()  # a corrupt record stops us here, before anything runs
     lock = InstanceLock(config.state_dir / LOCK_FILE_NAME)
     if execute:
         lock.acquire()
-    stopper, notifier = Stopper(), SystemdNotifier()
-    stopper.install()
+    signals, notifier = Signals(), SystemdNotifier()
+    signals.install()
     notifier.ready("started" if execute else "started (dry run)")
     logger.info("mxsync started (%s), config %s", "executing" if execute else "dry run, nothing is recorded", config.path)
+    settings = Settings(config, execute, verbose)
+    outcome, reason = None, "finished"
     try:
         while True:
-            outcome = run_cycle(config, ignore, execute, stopper, notifier)
-            if once or stopper.event.is_set():
+            outcome = run_cycle(settings.config, execute, signals.stop, notifier, settings.pop_problem())
+            if once or signals.stop.is_set():
                 break
-            next_cycle = datetime.now() + timedelta(hours=config.sync_frequency_hours)
+            pause = settings.config.sync_frequency_hours * 3600
+            next_cycle = datetime.now() + timedelta(seconds=pause)
             notifier.status(f"idle; last cycle synced {len(outcome.synced)}, next cycle at {next_cycle:%Y-%m-%d %H:%M}")
-            if stopper.event.wait(config.sync_frequency_hours * 3600):
+            if not wait_for_next_cycle(signals, settings, pause, outcome.record_unreadable):
                 break
-            config = reload_config(config)
-            ignore = IgnoreFile(config.ignore_file)
+            settings.reload()
+        reason = signals.stop_reason or reason
+    except BaseException as error:
+        reason = f"unexpected {type(error).__name__}"
+        if not isinstance(error, (SystemExit, KeyboardInterrupt)):
+            logger.critical("mxsync stopped by an unexpected error (a bug): %r", error, exc_info=True)
+        raise
     finally:
+        supervisor.stop_all()
         notifier.stopping()
         lock.release()
-    if stopper.event.is_set() and not once:
-        logger.info("mxsync stopped")
+        logger.info("mxsync stopped: %s", reason)
+    if signals.stop.is_set() and not once:
         return 0
     return 0 if outcome.ok else 1
 
 
-def run_cycle(config, ignore, execute, stopper, notifier):
+def wait_for_next_cycle(signals, settings, pause, record_unreadable):
+    """Wait out the pause, reloading on SIGHUP; while ignore.yml is unreadable, end as soon as it changes.
+
+    Return False if the service is stopping.
+    """
+    deadline = time.monotonic() + (min(pause, RECORD_RETRY_SECONDS) if record_unreadable else pause)
+    watched = _file_state(settings.config.ignore_file)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return True
+        if signals.wait(min(remaining, RECORD_POLL_SECONDS) if record_unreadable else remaining):
+            return False
+        if signals.reload_requested:
+            signals.reload_requested = False
+            settings.reload()
+        if record_unreadable and _file_state(settings.config.ignore_file) != watched:
+            logger.info("%s changed; trying again", settings.config.ignore_file)
+            return True
+
+
+def _file_state(path):
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+class Settings:
+    """The config the service runs with, replaced by a valid re-read of config.yml; remembers why one was refused."""
+
+    def __init__(self, config, execute, verbose):
+        self.config = config
+        self.execute = execute
+        self.verbose = verbose
+        self._problem = None
+
+    def reload(self):
+        try:
+            fresh = load_config(self.config.path)
+        except ConfigError as error:
+            self._refuse(f"config.yml changed but is invalid; keeping the previous settings until it is fixed:\n{error}")
+            return
+        changed = [key for attribute, key in RESTART_KEYS.items() if getattr(fresh, attribute) != getattr(self.config, attribute)]
+        if changed:
+            self._refuse(f"{self.config.path}: {', '.join(changed)} changed; restart mxsync to use it. Keeping the previous settings")
+            return
+        try:
+            apply_logging(fresh, "sync", dry_run=not self.execute, verbose=self.verbose)
+        except ConfigError as error:
+            self._refuse(f"{error}; keeping the previous settings")
+            apply_logging(self.config, "sync", dry_run=not self.execute, verbose=self.verbose)
+            return
+        if fresh != self.config:
+            logger.info("Configuration reloaded from %s", fresh.path)
+            for warning in fresh.warnings:
+                logger.warning("%s", warning)
+        self.config, self._problem = fresh, None
+
+    def _refuse(self, message):
+        logger.error("%s", message)
+        self._problem = message
+
+    def pop_problem(self):
+        """Return the last refused reload's message (for the cycle to count and alert), once."""
+        problem, self._problem = self._problem, None
+        return problem
+
+
+def run_cycle(config, execute, stop, notifier, config_problem=None):
     """Run one SyncCycle with fresh clients, reporting progress; return its CycleOutcome."""
-    runner = RsyncRunner(config, dry_run=not execute)
-    stopper.runner = runner
     activity = Activity()
+    history = History(config.state_dir, read_only=not execute)
+    if execute:
+        history.source_result("config", config_problem)
     cycle = SyncCycle(
-        config, PortalClient(config), runner, ignore, History(config.state_dir, read_only=not execute),
-        execute, stopper.event, activity,
+        config, PortalClient(config), RsyncRunner(config, dry_run=not execute), IgnoreFile(config.ignore_file), history,
+        execute, stop, activity,
     )
-    reporter = ProgressReporter(activity, notifier)
+    reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
     reporter.start()
     try:
         outcome = cycle.run()
     finally:
         reporter.stop()
-        stopper.runner = None
     level = logging.INFO if outcome.ok else logging.WARNING
     logger.log(
-        level, "Cycle finished: %d planned, %d synced, %d failed%s%s", outcome.planned, len(outcome.synced),
-        len(outcome.failed), f", {len(outcome.stopped)} stopped" if outcome.stopped else "",
+        level, "Cycle finished: %d planned, %d synced, %d failed%s%s%s", outcome.planned, len(outcome.synced),
+        len(outcome.failed), f", {len(outcome.waiting)} waiting for data" if outcome.waiting else "",
+        f", {len(outcome.stopped)} stopped" if outcome.stopped else "",
         "; problems: " + "; ".join(outcome.problems) if outcome.problems else "",
     )
     return outcome
 
 
-def reload_config(config):
-    """Re-read config.yml; if it became invalid, keep running with the last good one and say so."""
-    try:
-        fresh = load_config(config.path)
-    except ConfigError as error:
-        logger.error("config.yml changed but is invalid; keeping the previous settings until fixed:\n%s", error)
-        return config
-    for warning in fresh.warnings:
-        logger.warning("%s", warning)
-    return fresh
-
-
 class ProgressReporter:
-    """Shows a live progress line on a terminal and keeps systemd's STATUS current while a cycle runs."""
+    """Keeps a terminal progress line, systemd's STATUS and the activity file for `mxsync status` current."""
 
-    def __init__(self, activity, notifier, stream=None):
+    def __init__(self, activity, notifier, activity_file=None, stream=None):
         self.activity = activity
         self.notifier = notifier
+        self.activity_file = activity_file
         self.stream = stream or sys.stderr
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._on_terminal = self.stream.isatty()
+        self._written = None
 
     def start(self):
         self._thread.start()
@@ -133,11 +232,26 @@ class ProgressReporter:
         if self._on_terminal:
             self.stream.write("\r\033[K")
             self.stream.flush()
+        if self.activity_file is not None:
+            self.activity_file.unlink(missing_ok=True)
 
     def _loop(self):
         while not self._done.wait(PROGRESS_INTERVAL):
             text = self.activity.describe()
             self.notifier.status(text)
+            self._write_activity()
             if self._on_terminal:
                 self.stream.write("\r\033[K" + text[:200])
                 self.stream.flush()
+
+    def _write_activity(self):
+        if self.activity_file is None:
+            return
+        snapshot = self.activity.snapshot()
+        if snapshot == self._written:
+            return
+        try:
+            atomic_write(self.activity_file, json.dumps(snapshot) + "\n")
+        except OSError as error:  # status loses its live figures; transfers go on
+            logger.debug("Cannot write %s: %s", self.activity_file, error)
+        self._written = snapshot

@@ -1,41 +1,57 @@
-"""`mxsync status`: each EPN of the visits in range with its sync state, as a table or JSON."""
+"""`mxsync status`: each EPN of the visits in range with its sync state, as a table or JSON.
+
+It shows what is known even when the portal or ignore.yml cannot be read (exactly when an operator
+looks): failures, EPNs waiting for data, the last cycle, the lock holder and the transfers running now.
+"""
 
 import json
+import time
 from datetime import datetime, timezone
 
 from mxsync.config import load_config
-from mxsync.errors import PortalError
+from mxsync.errors import StateFileError
 from mxsync.history import LOCK_FILE_NAME, History
 from mxsync.names import epn_number
 from mxsync.plan import fetch_visits, make_plan
 from mxsync.portal import PortalClient
+from mxsync.service import ACTIVITY_FILE_NAME
 from mxsync.state import IgnoreFile, InstanceLock
+from mxsync.sync import human_bytes
 
-STATES = ("running", "failed", "pending", "not ended", "unmapped", "refused", "synced")
+STATES = ("running", "failed", "waiting", "pending", "not ended", "unmapped", "refused", "synced")
 
 
 def collect_status(config):
-    """Return (rows, notes): one row per EPN of the visits in range with its state, plus general notes."""
-    synced = IgnoreFile(config.ignore_file).load()
-    history = History(config.state_dir, read_only=True)
-    service_running = InstanceLock(config.state_dir / LOCK_FILE_NAME).is_held_elsewhere()
-    current, previous, _suspicious, errors, current_start = fetch_visits(config, PortalClient(config), datetime.now(timezone.utc))
-    if errors and len(errors) >= len(config.equipment):
-        raise PortalError(errors[0])
-    plan = make_plan(config, current, previous, synced, current_start)
-    visits = {visit.epn: visit for visit in previous + current}
-    states = {epn: "synced" for epn in plan.synced}
-    states.update({epn: "unmapped" for epn in plan.unmapped})
-    states.update({epn: "not ended" for epn in plan.not_ended})
-    states.update({epn: "refused" for epn in plan.refused})
-    states.update({transfer.epn: "pending" for transfer in plan.transfers})
+    """Return (rows, notes, running): one row per EPN known, general notes, and the transfers running now."""
+    notes = []
+    try:
+        synced = IgnoreFile(config.ignore_file).load()
+    except StateFileError as error:
+        synced = set()
+        notes.append(f"ignore.yml cannot be read, so no EPN shows as synced: {error}")
+    try:
+        history = History(config.state_dir, read_only=True).data
+    except StateFileError as error:
+        history = {"epns": {}, "sources": {}, "running": {}}
+        notes.append(str(error))
+    lock = InstanceLock(config.state_dir / LOCK_FILE_NAME)
+    service_running = lock.is_held_elsewhere()
+    running = _running_transfers(config) if service_running else {}
+
+    states, visits = _plan_states(config, synced, notes)
+    for epn in history["epns"]:
+        if states.get(epn, "pending") == "pending":
+            states[epn] = "failed"
+    for epn in history.get("waiting", {}):
+        if states.get(epn, "pending") == "pending":
+            states[epn] = "waiting"
+    for epn in running:
+        states[epn] = "running"
+
     rows = []
     for epn, state in states.items():
-        failure = history.data["epns"].get(epn)
-        if state == "pending" and failure:
-            state = "failed"
-        if service_running and epn in history.data["running"]:
-            state = "running"
+        failure = history["epns"].get(epn) or {}
+        waiting = history.get("waiting", {}).get(epn) or {}
         visit = visits.get(epn)
         rows.append(
             {
@@ -43,27 +59,85 @@ def collect_status(config):
                 "state": state,
                 "project": config.project_for(epn_number(epn)),
                 "visit_end": visit.end.astimezone(timezone.utc).isoformat() if visit and visit.end else None,
-                "failures": failure["failures"] if failure else 0,
-                "last_error": failure.get("last_error") if failure else None,
+                "failures": failure.get("failures", 0),
+                "last_error": failure.get("last_error") or waiting.get("reason"),
             }
         )
     rows.sort(key=lambda row: (STATES.index(row["state"]), row["epn"]))
-    notes = list(errors)
     if service_running:
-        notes.append("an mxsync service holds the lock (running)")
-    notes += [f"source {name}: failing for {entry['failures']} cycle(s): {entry.get('last_error')}" for name, entry in history.data["sources"].items()]
-    return rows, notes
+        notes.append(f"an mxsync service holds the lock: {_lock_holder(lock)}")
+    last = history.get("last_cycle")
+    if isinstance(last, dict):
+        notes.append(
+            f"last cycle finished {last.get('finished', '?')}: {last.get('synced', 0)} synced, "
+            f"{len(last.get('failed') or [])} failed, {len(last.get('waiting') or [])} waiting for data"
+        )
+    notes += [
+        f"source {name}: failing for {entry['failures']} cycle(s): {entry.get('last_error')}"
+        for name, entry in history["sources"].items()
+    ]
+    return rows, notes, running
+
+
+def _plan_states(config, synced, notes):
+    """Ask the portal and plan as a cycle would; return ({epn: state}, {epn: visit}), or empty ones if it fails."""
+    current, previous, _suspicious, errors, current_start = fetch_visits(config, PortalClient(config), datetime.now(timezone.utc))
+    if errors and len(errors) >= len(config.equipment):
+        notes.append(f"the portal could not be asked ({errors[0]}); showing what mxsync knows without it")
+        return {}, {}
+    notes.extend(errors)
+    plan = make_plan(config, current, previous, synced, current_start)
+    states = {epn: "synced" for epn in plan.synced}
+    states.update({epn: "unmapped" for epn in plan.unmapped})
+    states.update({epn: "not ended" for epn in plan.not_ended})
+    states.update({epn: "refused" for epn in plan.refused})
+    states.update({transfer.epn: "pending" for transfer in plan.transfers})
+    return states, {visit.epn: visit for visit in previous + current}
+
+
+def _running_transfers(config):
+    """Return {epn: {started, files, bytes, rate}} from the service's activity file (empty if there is none)."""
+    try:
+        snapshot = json.loads((config.state_dir / ACTIVITY_FILE_NAME).read_text(encoding="utf-8"))
+        transfers = snapshot["transfers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    now = time.time()
+    running = {}
+    for epn, figures in transfers.items():
+        started = figures.get("started", now)
+        transferred = figures.get("bytes", 0)
+        running[epn] = {
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "files": figures.get("files", 0),
+            "bytes": transferred,
+            "rate": transferred / max(now - started, 1e-3),
+        }
+    return running
+
+
+def _lock_holder(lock):
+    try:
+        return lock.path.read_text(encoding="utf-8").strip() or "an unknown process"
+    except OSError:
+        return "an unknown process"
 
 
 def run_status(config_path, as_json=False):
     config = load_config(config_path)
-    rows, notes = collect_status(config)
+    rows, notes, running = collect_status(config)
     if as_json:
-        print(json.dumps({"epns": rows, "notes": notes}, indent=2))
+        print(json.dumps({"epns": rows, "running": running, "notes": notes}, indent=2))
         return 0
     print(f"{'EPN':<12} {'STATE':<10} {'PROJECT':<12} {'VISIT END (UTC)':<17} DETAIL")
     for row in rows:
-        detail = f"{row['failures']} failure(s): {row['last_error']}" if row["failures"] else ""
+        detail = f"{row['failures']} failure(s): {row['last_error']}" if row["failures"] else (row["last_error"] or "")
+        transfer = running.get(row["epn"])
+        if transfer:
+            detail = (
+                f"since {transfer['started'][11:19]} UTC: {transfer['files']} files, "
+                f"{human_bytes(transfer['bytes'])} ({human_bytes(transfer['rate'])}/s)"
+            )
         visit_end = row["visit_end"][:16].replace("T", " ") if row["visit_end"] else "-"
         print(f"{row['epn']:<12} {row['state']:<10} {row['project'] or '-':<12} {visit_end:<17} {detail}".rstrip())
     for note in notes:

@@ -7,18 +7,29 @@ source is at the destination at its size. One EPN's failure never stops the othe
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Dict, List
 
 from mxsync import alerts
-from mxsync.destination import check_destination_root
-from mxsync.errors import DestinationError, RsyncError, StateFileError
+from mxsync.destination import check_destination_root, make_epn_folders
+from mxsync.errors import (
+    DestinationError,
+    ProcessStartError,
+    RsyncError,
+    StateFileError,
+    TransferStopped,
+    UnsafeNameError,
+)
+from mxsync.itemize import verify_destination
 from mxsync.plan import fetch_visits, make_plan, summarise
-from mxsync.rsync import verify_destination
 
 logger = logging.getLogger("mxsync.sync")
+
+# Sources whose failure staff hear about at once: nothing can move until they are fixed.
+IMMEDIATE_ALERTS = ("destination", "record")
 
 
 @dataclass
@@ -26,12 +37,14 @@ class CycleOutcome:
     synced: List[str] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
     stopped: List[str] = field(default_factory=list)
+    waiting: Dict[str, str] = field(default_factory=dict)
     problems: List[str] = field(default_factory=list)
     planned: int = 0
+    record_unreadable: bool = False
 
     @property
     def ok(self):
-        """True when everything planned was synced and no source failed."""
+        """True when everything planned was synced or is waiting for its data, and no source failed."""
         return not (self.failed or self.stopped or self.problems)
 
     def summary(self):
@@ -40,12 +53,13 @@ class CycleOutcome:
             "synced": len(self.synced),
             "failed": sorted(self.failed),
             "stopped": sorted(self.stopped),
+            "waiting": sorted(self.waiting),
             "problems": self.problems,
         }
 
 
 class Activity:
-    """What the cycle is doing right now, for the terminal progress line and systemd's STATUS."""
+    """What the cycle is doing right now, for the terminal progress line, systemd's STATUS and `mxsync status`."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -54,21 +68,32 @@ class Activity:
         self.done = 0
         self.total = 0
 
+    def start(self, epn):
+        with self._lock:
+            self.transfers[epn] = {"started": time.time(), "files": 0, "bytes": 0}
+
     def update(self, epn, files, transferred_bytes):
         with self._lock:
-            self.transfers[epn] = (files, transferred_bytes)
+            self.transfers.setdefault(epn, {"started": time.time()}).update(files=files, bytes=transferred_bytes)
 
     def finish(self, epn):
         with self._lock:
             self.transfers.pop(epn, None)
             self.done += 1
 
+    def snapshot(self):
+        """Return the phase and a copy of every running transfer's figures."""
+        with self._lock:
+            return {"phase": self.phase, "done": self.done, "total": self.total,
+                    "transfers": {epn: dict(figures) for epn, figures in self.transfers.items()}}
+
     def describe(self):
         with self._lock:
             if not self.total:
                 return self.phase
             running = ", ".join(
-                f"{epn} {files} files {human_bytes(size)}" for epn, (files, size) in sorted(self.transfers.items())
+                f"{epn} {figures.get('files', 0)} files {human_bytes(figures.get('bytes', 0))}"
+                for epn, figures in sorted(self.transfers.items())
             )
             return f"{self.phase}: {self.done}/{self.total} done" + (f"; {running}" if running else "")
 
@@ -88,17 +113,31 @@ class SyncCycle:
         self.outcome = CycleOutcome()
 
     def run(self):
-        """Plan, transfer and record; return the CycleOutcome. Corrupt state files raise StateFileError."""
-        synced = self.ignore.load()
-        plan = self._plan(synced)
+        """Plan, transfer and record; return the CycleOutcome."""
+        synced = self._read_record()
+        plan = self._plan(synced) if synced is not None else None
         if plan is not None and plan.transfers and self._destination_ready() and self._host_reachable():
             try:
                 self._transfer_all(plan.transfers)
             finally:
-                self.runner.close_shared_connection()
+                self.runner.close()
         if self.execute:
             self._alert_and_save()
         return self.outcome
+
+    def _read_record(self):
+        """Return the recorded EPNs, or None if ignore.yml is unreadable (nothing is transferred until it is fixed)."""
+        try:
+            synced = self.ignore.load()
+        except StateFileError as error:
+            message = f"{error}; no transfer starts until it is fixed, and mxsync retries by itself"
+            logger.error("%s", message)
+            self.history.source_result("record", message)
+            self.outcome.problems.append(str(error))
+            self.outcome.record_unreadable = True
+            return None
+        self.history.source_result("record")
+        return synced
 
     def _plan(self, synced):
         self.activity.phase = "asking the portal for visits"
@@ -140,6 +179,12 @@ class SyncCycle:
         """Run check(); return True, or log the failure, count it against `source` and return False."""
         try:
             check()
+        except TransferStopped:
+            return False
+        except ProcessStartError as error:  # rsync or ssh missing here: ours to fix, not the facility's
+            logger.error("%s%s", error, consequence)
+            self.outcome.problems.append(str(error))
+            return False
         except (DestinationError, RsyncError) as error:
             logger.error("%s%s", error, consequence)
             self.history.source_result(source, str(error))
@@ -161,29 +206,58 @@ class SyncCycle:
         if self.stop.is_set():
             self.outcome.stopped.append(epn)
             return
-        logger.info("%s: started, %s -> %s", epn, transfer.source, transfer.destination)
-        if self.execute:
-            self.history.epn_started(epn)
         try:
+            if self._waiting_for_data(transfer):
+                return
+            logger.info("%s: started, %s -> %s", epn, transfer.source, transfer.destination)
+            if self.execute:
+                self.history.epn_started(epn)
+            self.activity.start(epn)
             result = self._transfer_with_retries(transfer)
             self._verify_and_record(transfer, result)
-        except OSError as error:
-            self._failed(epn, f"{epn}: cannot prepare {transfer.destination}: {error.strerror or error}")
-        except StateFileError as error:  # ignore.yml could not be written
-            self._failed(epn, str(error))
-        except RsyncError as error:
-            if self.stop.is_set() and error.returncode == 20:
-                logger.warning("%s: stopped before it finished; nothing recorded", epn)
-                self.outcome.stopped.append(epn)
-                if self.execute:
-                    self.history.epn_finished(epn, stopped=True)
-            else:
-                self._failed(epn, str(error))
-        else:
+        except TransferStopped:
+            logger.warning("%s: stopped before it finished; nothing recorded", epn)
+            self.outcome.stopped.append(epn)
             if self.execute:
+                self.history.epn_finished(epn, stopped=True)
+        except UnsafeNameError as error:
+            self._failed(epn, f"refused: {error}")
+        except OSError as error:
+            self._failed(epn, f"cannot prepare {transfer.destination}: {error.strerror or error}")
+        except (StateFileError, RsyncError) as error:  # ignore.yml could not be written, or rsync failed
+            self._failed(epn, str(error))
+        except Exception as error:  # a bug of ours: this EPN fails, the others and the service go on
+            logger.exception("%s: unexpected error", epn)
+            self._failed(epn, f"unexpected error (a bug; the traceback is in the log): {error!r}")
+        else:
+            if self.execute and epn in self.outcome.synced:
                 self.history.epn_finished(epn)
         finally:
             self.activity.finish(epn)
+
+    def _waiting_for_data(self, transfer):
+        """Return True if the facility has no data for the EPN yet (no folder, or nothing in it): nothing to do."""
+        if os.path.isdir(transfer.destination):
+            return False  # a transfer began before, so the source had data
+        state = self.runner.probe_source(transfer.epn, transfer.source)
+        if state == "present":
+            return False
+        reason = "no folder at the facility yet" if state == "missing" else "its folder at the facility is empty"
+        self.outcome.waiting[transfer.epn] = reason
+        ended = transfer.visit.end
+        overdue = ended is not None and datetime.now(timezone.utc) - ended > timedelta(
+            hours=getattr(self.config, "waiting_for_data_alert_hours", 48)  # TEMP until confplan merge
+        )
+        if overdue:
+            message = f"waiting for data: {reason}, although its visit ended at {ended:%Y-%m-%d %H:%M %Z}"
+            logger.warning("%s: %s", transfer.epn, message)
+            if self.execute:
+                self.history.epn_finished(transfer.epn, error=message)
+        else:
+            logger.info("%s: waiting for data: %s", transfer.epn, reason)
+            if self.execute:
+                self.history.epn_waiting(transfer.epn, reason)
+        return True
 
     def _failed(self, epn, message):
         logger.error("%s: FAILED: %s", epn, message)
@@ -195,7 +269,7 @@ class SyncCycle:
         attempts = self.config.rsync_retries + 1
         for attempt in range(1, attempts + 1):
             if self.execute:
-                os.makedirs(transfer.destination, exist_ok=True)
+                make_epn_folders(self.config, transfer.destination)
             try:
                 return self.runner.transfer(
                     transfer.epn,
@@ -209,26 +283,28 @@ class SyncCycle:
                 delay = self.config.rsync_retry_delay * 2 ** (attempt - 1)
                 logger.warning("%s: %s; retrying in %.0f s (%d/%d)", transfer.epn, error, delay, attempt, attempts - 1)
                 if self.stop.wait(delay):
-                    raise
+                    raise TransferStopped(f"{transfer.epn}: stopped while waiting to retry") from None
         raise AssertionError("unreachable")
 
     def _verify_and_record(self, transfer, result):
         epn = transfer.epn
         rate = result.bytes_transferred / result.seconds if result.seconds else 0
         figures = (
-            f"{len(result.files)} files, {result.files_transferred} transferred, "
+            f"{len(result.files)} files, {len(result.links)} symlinks, {result.files_transferred} transferred, "
             f"{human_bytes(result.bytes_transferred)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)"
         )
+        for link in result.unsafe_links:
+            logger.warning("%s: symlink %s points outside the EPN; not copied", epn, link)
         if not self.execute:
             logger.info("%s: would sync: %s", epn, figures)
             self.outcome.synced.append(epn)
             return
-        if not result.files:
-            raise RsyncError(f"{epn}: the source holds no files yet; not recorded, will try again next cycle")
+        if result.empty:
+            raise RsyncError("the source holds no files yet; not recorded, will try again next cycle")
         problems = verify_destination(result, transfer.destination)
         if problems:
             raise RsyncError(
-                f"{epn}: verification failed, {len(problems)} file(s) incomplete at the destination "
+                f"verification failed, {len(problems)} file(s) incomplete at the destination "
                 f"(first: {problems[0]}); not recorded"
             )
         # rsync's own list is from before the transfer: a file that grew while it was sent (processing still
@@ -240,7 +316,7 @@ class SyncCycle:
             problems = verify_destination(recheck, transfer.destination)
             if problems or recheck.files_transferred:
                 raise RsyncError(
-                    f"{epn}: verification failed, the source changed during the transfer "
+                    "verification failed, the source changed during the transfer "
                     f"({problems[0] if problems else f'{recheck.files_transferred} file(s) left to send'}); "
                     "not recorded, the next cycle sends the rest"
                 )
@@ -249,7 +325,7 @@ class SyncCycle:
         logger.info("%s: synced and verified, recorded in %s: %s", epn, self.ignore.path.name, figures)
 
     def _alert_and_save(self):
-        epns, sources = self.history.due_alerts(self.config.failure_alert_cycles)
+        epns, sources = self.history.due_alerts(self.config.failure_alert_cycles, immediate=IMMEDIATE_ALERTS)
         if (epns or sources) and alerts.send_failure_alert(self.config, epns, sources):
             self.history.mark_alerted(epns, sources)
         self.history.cycle_finished(self.outcome.summary())

@@ -132,7 +132,7 @@ def test_failing_epn_is_not_recorded_while_others_are(facility):
 
     assert result.returncode == 1
     assert recorded(config) == {"12282a", "12282c"}
-    assert "12282b: FAILED: 12282b: rsync exit 23" in sync_log(facility)
+    assert "12282b: FAILED: rsync exit 23" in sync_log(facility)
     state = json.loads((ignore_path(config).parent / "mxsync-state.json").read_text())
     assert state["epns"]["12282b"]["failures"] == 1
 
@@ -151,14 +151,41 @@ def test_unreadable_source_file_is_not_recorded(facility):
     assert recorded(config) == {"12282a"}
 
 
-def test_missing_source_folder_fails_that_epn_only(facility):
+def test_missing_or_empty_source_folder_is_waiting_for_data_not_a_failure(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
     facility.portal.add_visit(23, "12282z", **ENDED)  # booked, but no data on the facility
+    facility.portal.add_visit(23, "12282y", **ENDED)
+    (facility.root / "data" / "mx" / "12282y" / "frames").mkdir(parents=True)  # a folder, but nothing in it yet
     config = facility.write_config()
 
-    assert mxsync("--config", config, "--execute", "--once").returncode == 1
+    dry = mxsync("--config", config, "--once", "-v", check=0)
+    assert "12282z: waiting for data: no folder at the facility yet" in dry.stderr
+    assert "12282y: waiting for data: its folder at the facility is empty" in dry.stderr
+    assert "12282y: would sync" not in dry.stderr and "12282z: would sync" not in dry.stderr
+
+    result = mxsync("--config", config, "--execute", "--once", check=0)  # waiting is not a failure
     assert recorded(config) == {"12282a"}
-    assert "12282z: FAILED" in sync_log(facility)
+    log = sync_log(facility)
+    assert "FAILED" not in log and "ERROR" not in log
+    assert "12282z: waiting for data: no folder at the facility yet" in log
+    # No empty folders at the destination for EPNs without data.
+    assert not (facility.destination / "ny79" / "12282z").exists()
+    assert not (facility.destination / "ny79" / "12282y").exists()
+    status = mxsync("status", "--config", config, check=0).stdout
+    assert any(line.startswith("12282z") and "waiting" in line for line in status.splitlines()), status
+    assert "12282z" not in result.stderr  # nothing for cron to mail
+
+
+def test_data_that_never_appeared_long_after_the_visit_alerts_staff(facility):
+    long_ago = dict(start=NOW - timedelta(days=9), end=NOW - timedelta(days=8))
+    facility.portal.add_visit(23, "12282z", **long_ago)
+    config = facility.write_config(failure_alert_cycles=1, waiting_for_data_alert_hours=48)
+
+    mxsync("--config", config, "--execute", "--once")
+
+    assert "12282z: waiting for data: no folder at the facility yet, although its visit ended" in sync_log(facility)
+    (message,) = facility.smtp.messages
+    assert "12282z" in message["Subject"]
 
 
 def test_sigterm_mid_transfer_records_nothing_and_next_pass_completes(facility):
@@ -210,9 +237,8 @@ def test_corrupt_ignore_file_is_left_as_it_was(facility):
 
     result = mxsync("--config", config, "--execute", "--once")
 
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert str(ignore) in line and "not valid YAML" in line and "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert f"{ignore}: not valid YAML at line 2" in result.stderr and "Traceback" not in result.stderr
     assert ignore.read_bytes() == before
     assert list(facility.destination.iterdir()) == []
 

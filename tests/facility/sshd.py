@@ -28,9 +28,11 @@ class SshServerError(RuntimeError):
 class SshServer:
     """An sshd subprocess serving shell, rsync and SFTP to the current user; start/stop may repeat."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, max_sessions=10):
         self.workdir = Path(workdir).resolve()
         self.host = LOOPBACK
+        # sshd's own default: production servers refuse an 11th session on one connection.
+        self.max_sessions = max_sessions
         # Not getpass.getuser(): it trusts $USER, which su and sudo can leave naming someone else.
         self.username = pwd.getpwuid(os.geteuid()).pw_name
         self.port = None
@@ -151,9 +153,9 @@ class SshServer:
             ("Subsystem", "sftp internal-sftp"),
             ("PidFile", _quoted(self.workdir / "sshd.pid")),
             ("LogLevel", "VERBOSE"),
-            # Benchmarks open many connections at once; the defaults (10:30:100, 10) would refuse some.
+            # Benchmarks open many connections at once; the default (10:30:100) would refuse some.
             ("MaxStartups", "100:30:200"),
-            ("MaxSessions", 50),
+            ("MaxSessions", self.max_sessions),
         ]
         self._config.write_text("".join(f"{name} {value}\n" for name, value in settings))
 

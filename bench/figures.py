@@ -44,7 +44,7 @@ SIZES = {
 
 RECOMMENDED_CIPHER = "aes128-gcm@openssh.com"
 FIRST_NUMBER = 20000
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO mxsync\.sync: (\d+[a-z]+): (started|synced and verified)")
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - mxsync\.sync - INFO:\d+: (\d+[a-z]+): (started|synced and verified)")
 
 
 def epn_name(index):

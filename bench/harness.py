@@ -265,7 +265,7 @@ def run_mxsync(scene, timeout=3600, sample_children=False):
     return figures
 
 
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ mxsync\.\w+: (\d+[a-z]+): "
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - mxsync\.\w+ - \w+:\d+: (\d+[a-z]+): "
                       r"(started|running rsync.*--dry-run|synced and verified)")
 
 

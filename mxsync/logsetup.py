@@ -6,7 +6,9 @@ import sys
 import threading
 
 MASK = "*****"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# HPC ASSyncy's own file format, kept field for field so that sites' greps and parsers of sync.log
+# still work: "2024-04-28 09:00:00,123 - mxsync.sync - INFO:4242: message".
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s:%(process)s: %(message)s"
 # Pass as `extra=` for a record that belongs in the log files but not on the console, e.g. the
 # details of an error the program is about to print as its one-line reason anyway.
 FILE_ONLY = {"file_only": True}

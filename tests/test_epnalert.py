@@ -284,7 +284,7 @@ def test_no_unknown_epns_no_email(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, frames=1, small_files=0)
     result = ok(run_epnalert(facility.write_config()))
     assert facility.smtp.messages == [] and not state_file(facility).exists()
-    assert re.search(r"INFO epnalert: 0 unknown EPNs .*no email \(no unknown EPNs\)", log_text(facility))
+    assert re.search(r" - epnalert - INFO:\d+: 0 unknown EPNs .*no email \(no unknown EPNs\)", log_text(facility))
     assert result.stderr == ""
 
 

@@ -22,6 +22,8 @@ from mxsync.names import EPN_NUMBER_PATTERN, describe, is_project
 logger = logging.getLogger("mxsync.config")
 
 SMTP_SECURITY_CHOICES = ("none", "starttls", "ssl")
+# How visit queries write their times (see format_portal_time in mxsync/portal.py).
+PORTAL_TIME_FORMATS = ("local", "utc", "utc-offset")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 EMAIL_PATTERN = re.compile(r"[^@\s<>]+@[^@\s<>]+")
@@ -80,6 +82,7 @@ class Config:
     portal_timeout: float
     portal_retries: int
     portal_retry_delay: float
+    portal_time_format: str
     email_to: Tuple[str, ...]
     email_from: str
     smtp: SmtpSettings
@@ -285,6 +288,7 @@ TOP_LEVEL = {
     "portal-timeout": (_number(1), 60.0),
     "portal-retries": (_integer(0, 20), 3),
     "portal-retry-delay": (_number(0), 2.0),
+    "portal-time-format": (_choice(*PORTAL_TIME_FORMATS), "local"),
     "epnalert-email-to": (_email_list, REQUIRED),
     "epnalert-email-from": (_pattern(EMAIL_PATTERN, "an email address"), REQUIRED),
     "epnalert-email-smtp": (_smtp_address, REQUIRED),
@@ -590,6 +594,7 @@ def load_config(path, check_files=True):
         portal_timeout=values["portal-timeout"],
         portal_retries=values["portal-retries"],
         portal_retry_delay=values["portal-retry-delay"],
+        portal_time_format=values["portal-time-format"],
         email_to=email_to,
         email_from=values["epnalert-email-from"],
         smtp=smtp,

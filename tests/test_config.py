@@ -295,6 +295,13 @@ def test_waiting_for_data_alert_hours(tmp_path):
     assert problem == "waiting-for-data-alert-hours: expected a number of at least 1, got 0"
 
 
+def test_portal_time_format(tmp_path):
+    assert load_config(write(tmp_path, legacy_data())).portal_time_format == "local"
+    assert load_config(write(tmp_path, {**legacy_data(), "portal-time-format": "utc-offset"})).portal_time_format == "utc-offset"
+    (problem,) = problems_of(tmp_path, portal_time_format="UTC")
+    assert problem == "portal-time-format: expected one of local, utc, utc-offset, got 'UTC'"
+
+
 def test_waiting_for_data_alert_beyond_the_visit_range_warns(tmp_path):
     config = load_config(write(tmp_path, {**legacy_data(), "waiting-for-data-alert-hours": 24 * 201}))
     assert any("waiting-for-data-alert-hours: 4824 hours is beyond visit-day-range (200 days)" in warning

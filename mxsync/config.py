@@ -22,6 +22,8 @@ from mxsync.names import EPN_NUMBER_PATTERN, describe, is_project
 logger = logging.getLogger("mxsync.config")
 
 SMTP_SECURITY_CHOICES = ("none", "starttls", "ssl")
+# How visit queries write their times (see format_portal_time in mxsync/portal.py).
+PORTAL_TIME_FORMATS = ("local", "utc", "utc-offset")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 EMAIL_PATTERN = re.compile(r"[^@\s<>]+@[^@\s<>]+")
@@ -80,6 +82,7 @@ class Config:
     portal_timeout: float
     portal_retries: int
     portal_retry_delay: float
+    portal_time_format: str
     email_to: Tuple[str, ...]
     email_from: str
     smtp: SmtpSettings
@@ -100,6 +103,7 @@ class Config:
     rsync_retries: int
     rsync_retry_delay: float
     failure_alert_cycles: int
+    waiting_for_data_alert_hours: float
     log_level: int
     log_files: LogFiles
     log_max_bytes: int
@@ -284,6 +288,7 @@ TOP_LEVEL = {
     "portal-timeout": (_number(1), 60.0),
     "portal-retries": (_integer(0, 20), 3),
     "portal-retry-delay": (_number(0), 2.0),
+    "portal-time-format": (_choice(*PORTAL_TIME_FORMATS), "local"),
     "epnalert-email-to": (_email_list, REQUIRED),
     "epnalert-email-from": (_pattern(EMAIL_PATTERN, "an email address"), REQUIRED),
     "epnalert-email-smtp": (_smtp_address, REQUIRED),
@@ -308,6 +313,7 @@ TOP_LEVEL = {
     "rsync-retries": (_integer(0, 20), 2),
     "rsync-retry-delay": (_number(0), 30.0),
     "failure-alert-cycles": (_integer(1, 1000), 3),
+    "waiting-for-data-alert-hours": (_number(1, 8760), 48.0),
     "log-level": (_log_level, logging.INFO),
     "log-files": (None, None),  # checked by _check_log_files
     "log-max-bytes": (_integer(0), 10 * 1024 * 1024),
@@ -325,8 +331,165 @@ EQUIPMENT_KEYS = {
 
 LOG_FILE_KEYS = ("sync", "epnalert", "email")
 
-# Options that would change where or how rsync writes, which mxsync must own.
-FORBIDDEN_RSYNC_OPTIONS = ("--delete", "--remove-source-files", "--rsh", "-e", "--files-from", "--dry-run", "-n")
+# ---------------------------------------------------------------- rsync-options
+# mxsync's rsync itemises every file in its own --out-format, never deletes, and is checked by
+# size afterwards. So extra options may only change how bytes travel: never which files are sent
+# or deleted, where or how they are written, the transport, or the output mxsync reads.
+
+
+def _rsync_choice(*names):
+    def check(value):
+        if value not in names:
+            raise _Invalid(f"expected one of {', '.join(names)}")
+
+    return check
+
+
+def _rsync_integer(minimum, maximum):
+    def check(value):
+        if not value.isdigit() or not minimum <= int(value) <= maximum:
+            raise _Invalid(f"expected an integer from {minimum} to {maximum}")
+
+    return check
+
+
+def _rsync_size(minimum, maximum, example):
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+    def check(value):
+        match = re.fullmatch(r"([0-9]{1,15})([KMG]?)", value.upper())
+        size = int(match.group(1)) * units[match.group(2)] if match else None
+        if size is None or not minimum <= size <= maximum:
+            raise _Invalid(f"expected a size from {minimum} to {maximum} bytes, or with a unit like '{example}'")
+
+    return check
+
+
+def _rsync_checksum_choice(value):
+    # 'none' would turn off rsync's check of each file's content once it is written.
+    names = ("auto", "xxh128", "xxh3", "xxh64", "xxhash", "md5", "md4", "sha1")
+    if not all(name in names for name in value.split(",", 1)):
+        raise _Invalid(f"expected one of {', '.join(names)}, or two of them as 'transfer,checksum' ('none' is refused)")
+
+
+def _rsync_skip_compress(value):
+    if re.fullmatch(r"[A-Za-z0-9._\[\]-]+(/[A-Za-z0-9._\[\]-]+)*", value) is None:
+        raise _Invalid("expected file suffixes separated by '/', e.g. 'gz/bz2/h5'")
+
+
+# long name: (short letter or None, check of the value after '=' or None for a flag).
+ALLOWED_RSYNC_OPTIONS = {
+    "--compress": ("z", None),
+    "--compress-choice": (None, _rsync_choice("zstd", "lz4", "zlibx", "zlib", "none")),
+    "--compress-level": (None, _rsync_integer(0, 22)),
+    "--skip-compress": (None, _rsync_skip_compress),
+    "--bwlimit": (None, _bwlimit),
+    "--checksum-choice": (None, _rsync_checksum_choice),
+    "--block-size": (None, _rsync_size(1, 131072, "128K")),
+    "--whole-file": ("W", None),
+    "--no-whole-file": (None, None),
+    "--sparse": ("S", None),
+    "--omit-dir-times": ("O", None),
+    "--fsync": (None, None),
+    "--max-alloc": (None, _rsync_size(1024 * 1024, 2**50, "4G")),
+    "--numeric-ids": (None, None),
+    "--ipv4": ("4", None),
+    "--ipv6": ("6", None),
+}
+RSYNC_OPTION_ALIASES = {"--zc": "--compress-choice", "--zl": "--compress-level", "--cc": "--checksum-choice", "--no-W": "--no-whole-file"}
+ALLOWED_RSYNC_SHORT = {short: name for name, (short, _) in ALLOWED_RSYNC_OPTIONS.items() if short}
+ALLOWED_RSYNC_SUMMARY = "allowed: " + ", ".join(
+    (f"-{short}/" if short else "") + name + ("" if check is None else "=")
+    for name, (short, check) in ALLOWED_RSYNC_OPTIONS.items()
+)
+
+# Why well-known options are refused, for a message that says more than "not allowed".
+_RSYNC_REFUSALS = (
+    ("deletes files; nothing mxsync runs deletes, at the destination or at the facility",
+     ("--del", "--remove-source-files", "--remove-sent-files", "--max-delete", "--force", "--ignore-errors")),
+    ("changes how rsync reaches or runs on the facility, which mxsync sets itself",
+     ("-e", "--rsh", "--rsync-path", "-M", "--remote-option", "--port", "--sockopts", "--address", "--blocking-io",
+      "--password-file", "--early-input", "--contimeout", "--no-motd", "-s", "--protect-args", "--secluded-args",
+      "--old-args", "--trust-sender", "--copy-as", "--server", "--sender", "--daemon", "--config", "--dparam")),
+    ("does not transfer: mxsync decides itself when a run is a dry run",
+     ("-n", "--dry-run", "--list-only", "--write-batch", "--only-write-batch", "--read-batch")),
+    ("changes rsync's output, which mxsync reads to learn which files arrived",
+     ("-v", "--verbose", "-q", "--quiet", "-h", "--human-readable", "-i", "--itemize-changes", "--out-format",
+      "--log-format", "--info", "--debug", "--progress", "-P", "--stats", "-8", "--8-bit-output", "--msgs2stderr",
+      "--stderr", "--outbuf", "--log-file", "--log-file-format")),
+    ("changes which files are compared or sent, so an EPN could be recorded as synced without all its files",
+     ("--exclude", "--include", "--filter", "-f", "-F", "--exclude-from", "--include-from", "--files-from", "-0",
+      "--from0", "-C", "--cvs-exclude", "--max-size", "--min-size", "--existing", "--ignore-existing",
+      "--ignore-non-existing", "-u", "--update", "-x", "--one-file-system", "-m", "--prune-empty-dirs",
+      "--compare-dest", "--copy-dest", "--link-dest", "--ignore-missing-args", "--stop-after", "--stop-at",
+      "--time-limit", "-c", "--checksum", "-I", "--ignore-times", "--modify-window", "-@", "--append",
+      "--append-verify")),
+    (("changes how or where files are written; mxsync lets rsync write each file under a temporary name "
+      "and rename it when complete"),
+     ("--partial-dir", "-T", "--temp-dir", "--delay-updates", "-b", "--backup", "--backup-dir", "--suffix",
+      "-R", "--relative", "--mkpath", "-K", "--keep-dirlinks", "-y", "--fuzzy", "--write-devices")),
+    ("copies ownership, links, devices or other attributes, which mxsync sets by its own rules",
+     ("-a", "--archive", "-o", "--owner", "-g", "--group", "--chown", "--usermap", "--groupmap", "--chmod", "-D",
+      "--devices", "--specials", "--copy-devices", "-A", "--acls", "-X", "--xattrs", "-E", "--executability",
+      "--super", "--fake-super", "-U", "--atimes", "-N", "--crtimes", "-H", "--hard-links", "-l", "--links",
+      "-L", "--copy-links", "--copy-unsafe-links", "--safe-links", "--munge-links", "-k", "--copy-dirlinks",
+      "-J", "--omit-link-times", "--no-perms", "--no-p", "--no-times", "--no-t", "--no-recursive", "--no-r")),
+    ("is set by mxsync already", ("-r", "--recursive", "-t", "--times", "-p", "--perms", "--partial", "--size-only")),
+)
+RSYNC_REFUSAL_REASONS = {name: reason for reason, names in _RSYNC_REFUSALS for name in names}
+RSYNC_REFUSAL_REASONS.update({
+    "--timeout": "is set by mxsync from the key rsync-io-timeout; set that key instead",
+    "--iconv": "converts file names, so the names at the destination could differ from the facility's",
+    "--inplace": "writes into the file under its final name, so a reader or an interrupted run sees old and new "
+                 "content mixed; mxsync lets rsync write a temporary file and rename it when complete",
+    "--preallocate": "gives an unfinished file its full size at once, so an interrupted file would pass "
+                     "mxsync's size checks as complete",
+})
+
+
+def _rsync_refusal(name):
+    if name.startswith("--delete"):
+        return RSYNC_REFUSAL_REASONS["--del"]
+    return RSYNC_REFUSAL_REASONS.get(name, "is not one of the options known to be safe with mxsync's transfer")
+
+
+def rsync_option_problem(option):
+    """Given one entry of rsync-options, return why mxsync refuses it, or None if it is allowed."""
+    if not isinstance(option, str) or not option.startswith("-") or option in ("-", "--"):
+        return f"expected an rsync option such as --compress, got {describe(option)}"
+    if any(char.isspace() or not char.isprintable() for char in option):
+        return (f"{describe(option)} holds whitespace or a control character; "
+                "give each option as its own list item, with its value after '=' (--bwlimit=50M)")
+    if not option.startswith("--"):
+        for letter in option[1:]:
+            if letter not in ALLOWED_RSYNC_SHORT:
+                short = "-" + letter
+                where = "" if option == short else f" (in {option})"
+                return f"{short}{where} {_rsync_refusal(short)}; {ALLOWED_RSYNC_SUMMARY}"
+        return None
+    name, has_value, value = option.partition("=")
+    canonical = RSYNC_OPTION_ALIASES.get(name, name)
+    if canonical not in ALLOWED_RSYNC_OPTIONS:
+        return f"{name} {_rsync_refusal(name)}; {ALLOWED_RSYNC_SUMMARY}"
+    check = ALLOWED_RSYNC_OPTIONS[canonical][1]
+    if check is None:
+        return f"{option}: {name} takes no value" if has_value else None
+    if not has_value:
+        return f"{name} needs its value after '=' in the same item, e.g. {name}=..."
+    try:
+        check(value)
+    except _Invalid as invalid:
+        return f"{option}: {invalid}"
+    return None
+
+
+def _check_rsync_options(options, bwlimit, collector):
+    for index, option in enumerate(options):
+        problem = rsync_option_problem(option)
+        if problem is None and bwlimit is not None and option.startswith("--bwlimit="):
+            problem = f"{option}: rsync-bwlimit is set too; keep one of the two"
+        if problem is not None:
+            collector.problem(f"rsync-options[{index}]", problem)
 
 
 class _Collector:
@@ -368,8 +531,11 @@ class _Collector:
         return values
 
 
-def load_config(path):
-    """Given the path of config.yml, return a validated Config or raise ConfigError listing every problem."""
+def load_config(path, check_files=True):
+    """Given the path of config.yml, return a validated Config or raise ConfigError listing every problem.
+
+    check_files=False skips the checks of the ssh files the config names, to validate a template.
+    """
     path = Path(path).expanduser().absolute()
     raw = _read_yaml(path)
     collector = _Collector()
@@ -384,7 +550,7 @@ def load_config(path):
     equipment = _check_equipment(values, collector)
     log_files = _check_log_files(values["log-files"], collector, resolve)
     smtp = _check_smtp(values, collector)
-    _check_rsync_options(values["rsync-options"], collector)
+    _check_rsync_options(values["rsync-options"], values["rsync-bwlimit"], collector)
 
     ignore_file = resolve("ignore")
     state_dir = resolve("state-dir") or (ignore_file.parent if ignore_file else base_dir)
@@ -396,6 +562,10 @@ def load_config(path):
     for key, name in zip(("epnalert-template-text", "epnalert-template-html"), template_names):
         if name is not None and (Path(name).is_absolute() or ".." in Path(name).parts):
             collector.problem(key, f"expected a file name inside epnalert-template-folder, got {describe(name)}")
+
+    for key in ("key-file", "known-hosts") if check_files else ():
+        _check_ssh_file(key, resolve(key), values, collector)
+    _check_waiting_for_data(values, collector)
 
     passwords = any(e.password or e.client_password for e in equipment) or smtp.password
     _warn_if_readable_by_others(path, passwords, collector)
@@ -424,6 +594,7 @@ def load_config(path):
         portal_timeout=values["portal-timeout"],
         portal_retries=values["portal-retries"],
         portal_retry_delay=values["portal-retry-delay"],
+        portal_time_format=values["portal-time-format"],
         email_to=email_to,
         email_from=values["epnalert-email-from"],
         smtp=smtp,
@@ -444,6 +615,7 @@ def load_config(path):
         rsync_retries=values["rsync-retries"],
         rsync_retry_delay=values["rsync-retry-delay"],
         failure_alert_cycles=values["failure-alert-cycles"],
+        waiting_for_data_alert_hours=values["waiting-for-data-alert-hours"],
         log_level=values["log-level"],
         log_files=log_files,
         log_max_bytes=values["log-max-bytes"],
@@ -567,13 +739,37 @@ def _check_smtp(values, collector):
     return SmtpSettings(host, port or default_port, security, username, password, values["epnalert-email-smtp-timeout"])
 
 
-def _check_rsync_options(options, collector):
-    for index, option in enumerate(options):
-        name = option.split("=", 1)[0]
-        if not option.startswith("-"):
-            collector.problem(f"rsync-options[{index}]", f"expected an rsync option starting with '-', got {describe(option)}")
-        elif name in FORBIDDEN_RSYNC_OPTIONS:
-            collector.problem(f"rsync-options[{index}]", f"{name} is not allowed here: mxsync sets the transport and never deletes")
+def _check_ssh_file(key, path, values, collector):
+    """A missing or unreadable key or known_hosts file is a local problem: report it here, not as the host failing."""
+    if path is None:
+        return
+    if key == "key-file":
+        advice = ("set key-file to the private SSH key of the facility login, readable by the account that runs "
+                  "mxsync, or remove the key to let ssh use that account's own keys")
+    else:
+        advice = (f"create it with 'ssh-keyscan -p {values['port']} {values['host']} > {path}', compare the fingerprints "
+                  "with the facility's, and make it readable by the account that runs mxsync")
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            collector.problem(key, f"{path}: not a regular file; {advice}")
+            return
+        with open(path, "rb"):  # the real test of readability, whoever runs this (root, ACLs)
+            pass
+    except OSError as error:
+        collector.problem(key, f"{path}: {error.strerror}; {advice}")
+        return
+    # ssh refuses a private key of its own user that others may read ("UNPROTECTED PRIVATE KEY FILE").
+    if key == "key-file" and info.st_uid == os.getuid() and info.st_mode & 0o077:
+        collector.problem(key, f"{path}: mode {stat.S_IMODE(info.st_mode):o} lets others read the key, so ssh refuses it; "
+                               f"run: chmod 600 {path}")
+
+
+def _check_waiting_for_data(values, collector):
+    hours, days = values["waiting-for-data-alert-hours"], values["visit-day-range"]
+    if hours is not None and days is not None and hours > days * 24:
+        collector.warning("waiting-for-data-alert-hours", f"{hours:g} hours is beyond visit-day-range ({days} days), "
+                          "whose visits are the only ones looked at, so this alert would never come")
 
 
 def _warn_if_readable_by_others(path, holds_passwords, collector):

@@ -4,6 +4,10 @@ Visits in progress (overlapping now to now + 1 h on any equipment) set `current_
 earliest start. Only visits that ended before `current_start`, within `visit-day-range` days of
 it, are candidates; an EPN with any visit not yet ended waits, so a later beamtime of the same
 EPN is never cut off by an earlier sync.
+
+Nobody here can ask the production portal how it reads the times of a query (an offset may be
+ignored), so each query reaches QUERY_MARGIN beyond the window the rule needs, and the rule is
+decided here on each visit's own start and end, never on which query returned it.
 """
 
 import logging
@@ -18,6 +22,8 @@ from mxsync.names import epn_number
 logger = logging.getLogger("mxsync.plan")
 
 CURRENT_WINDOW = timedelta(hours=1)
+# More than any UTC offset (-12 h to +14 h), so a portal that misreads our times by a zone still answers.
+QUERY_MARGIN = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -43,41 +49,63 @@ class Plan:
 
 
 def fetch_visits(config, portal, now):
-    """Ask every equipment for its visits; return (current, previous, suspicious, errors, current_start)."""
+    """Ask every equipment for its visits; return (current, previous, suspicious, errors, current_start).
+
+    `current` and `previous` are the answers to the two queries, which overlap; make_plan reads them as one pool.
+    """
     current, suspicious, errors, answered = [], [], [], []
     for equipment in config.equipment:
         try:
-            visits, odd = portal.visits(equipment, now, now + CURRENT_WINDOW)
+            visits, odd = portal.visits(equipment, now - QUERY_MARGIN, now + CURRENT_WINDOW + QUERY_MARGIN)
         except PortalError as error:
             errors.append(str(error))
             continue
         current += visits
         suspicious += odd
         answered.append(equipment)
-    current_start = min([now] + [visit.start for visit in current if visit.start is not None])
+    start = find_current_start(current, now)
     previous = []
-    window_start = current_start - timedelta(days=config.visit_day_range)
+    window_start = start - timedelta(days=config.visit_day_range) - QUERY_MARGIN
     for equipment in answered:
         try:
-            visits, odd = portal.visits(equipment, window_start, current_start)
+            visits, odd = portal.visits(equipment, window_start, start + QUERY_MARGIN)
         except PortalError as error:
             errors.append(str(error))
             continue
         previous += visits
         suspicious += odd
-    return current, previous, suspicious, errors, current_start
+    return current, previous, suspicious, errors, find_current_start(current + previous, now)
+
+
+def find_current_start(visits, now):
+    """Return the earliest start of the visits in progress (overlapping now to now + 1 h by their own times), or now.
+
+    A visit whose start or end the portal did not give usably cannot set it (it is reported as suspicious,
+    and an unknown end makes its EPN wait).
+    """
+    running = [
+        visit.start for visit in visits
+        if visit.start is not None and visit.end is not None and visit.start <= now + CURRENT_WINDOW and visit.end >= now
+    ]
+    return min([now] + running)
 
 
 def make_plan(config, current, previous, synced, current_start, suspicious=()):
-    """Given visits and the set of synced EPNs, return the Plan; pure apart from path resolution."""
+    """Given visits, the set of synced EPNs and find_current_start's cut-off, return the Plan.
+
+    Pure apart from path resolution; `current` and `previous` are one pool, judged by each visit's own times.
+    """
     plan = Plan(current_start, suspicious=list(suspicious))
-    not_ended = {visit.epn for visit in current + previous if visit.end is None or visit.end >= current_start}
+    visits = list(current) + list(previous)
+    not_ended = {visit.epn for visit in visits if visit.end is None or visit.end >= current_start}
+    oldest_end = current_start - timedelta(days=config.visit_day_range)
     finished = {}
-    for visit in previous:
-        if visit.epn not in not_ended and visit.start is not None:
-            # The latest visit of an EPN describes it best (its beamline and source).
-            if visit.epn not in finished or visit.end > finished[visit.epn].end:
-                finished[visit.epn] = visit
+    for visit in visits:
+        if visit.epn in not_ended or visit.start is None or visit.end < oldest_end:
+            continue
+        # The latest visit of an EPN describes it best (its beamline and source).
+        if visit.epn not in finished or visit.end > finished[visit.epn].end:
+            finished[visit.epn] = visit
     plan.not_ended = sorted(not_ended)
     for epn in sorted(finished):
         visit = finished[epn]

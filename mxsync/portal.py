@@ -65,7 +65,8 @@ class PortalClient:
     def visits(self, equipment, start, end):
         """Given an equipment and an aware time window, return (visits, suspicious records) overlapping it."""
         url = self.config.base_url + VISITS_PATH.format(equipment_id=equipment.id)
-        params = {"start_time": start.isoformat(), "end_time": end.isoformat()}
+        style = self.config.portal_time_format
+        params = {"start_time": format_portal_time(start, style), "end_time": format_portal_time(end, style)}
         for attempt in ("first", "after re-authenticating"):
             params["access_token"] = self._token(equipment, renew=attempt != "first")
             response = self._request("GET", url, f"visits of equipment {equipment.id}", params=params)
@@ -163,6 +164,18 @@ class PortalClient:
         if not isinstance(body, dict):
             raise PortalError(f"portal {self.config.base_url}: {what}: expected a JSON object, got {describe(body)}")
         return body
+
+
+def format_portal_time(moment, style):
+    """Given an aware datetime, return it as a visits query sends it: 'local', 'utc' or 'utc-offset'.
+
+    'local' is what HPC ASSyncy sent (`datetime.now().isoformat()`): this host's wall-clock time
+    without an offset, the form the production portal is known to accept.
+    """
+    if style == "utc-offset":
+        return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    zone = timezone.utc if style == "utc" else None  # astimezone(None) is this host's local time
+    return moment.astimezone(zone).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
 def parse_visits(raw_visits, equipment):

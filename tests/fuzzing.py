@@ -60,6 +60,7 @@ def make_sandbox(directory):
     for name in ("log", "state", "destination"):
         (directory / name).mkdir(parents=True, exist_ok=True)
     (directory / "key").write_text("not really a key\n")
+    os.chmod(directory / "key", 0o600)  # ssh refuses a key others can read, and so does the config check
     (directory / "known_hosts").write_text("")
     config = {
         "epn_cap_map": {"12282": "ny79", "13000": "ab12"},

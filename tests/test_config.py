@@ -3,6 +3,8 @@
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,20 @@ import yaml
 
 from mxsync.config import load_config
 from mxsync.errors import ConfigError
+from mxsync.rsync import BASE_OPTIONS, TransferResult, _record_item
 
 LEGACY = Path(__file__).parent / "data" / "legacy-config.yml"
+MXSYNC = Path(sys.executable).parent / "mxsync"
+
+
+@pytest.fixture(autouse=True)
+def legacy_key_file(tmp_path):
+    """The key the old sample names (your_path/etc/mx_key), as an install would provide it."""
+    key = tmp_path / "your_path" / "etc" / "mx_key"
+    key.parent.mkdir(parents=True)
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    return key
 
 
 @pytest.fixture
@@ -91,6 +105,8 @@ def test_new_keys_and_smtp_port(tmp_path):
         "epnalert-email-to": ["a@example.org", "b@example.org"],
     }
     data["equipment"][1]["beamline"] = "mx3"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "known_hosts").write_text("[sftp.synchrotron.org.au]:2222 ssh-ed25519 AAAA\n")
     config = load_config(write(tmp_path, data))
     assert config.ssh_target == "mxdata@sftp.synchrotron.org.au" and config.port == 2222
     assert config.known_hosts == tmp_path / "etc" / "known_hosts"
@@ -105,9 +121,191 @@ def test_bad_source_path_placeholder(tmp_path):
         load_config(write(tmp_path, {**legacy_data(), "source-path": "/data/{facility}"}))
 
 
-def test_forbidden_rsync_option(tmp_path):
-    with pytest.raises(ConfigError, match=r"rsync-options\[1\]: --delete is not allowed"):
-        load_config(write(tmp_path, {**legacy_data(), "rsync-options": ["--compress", "--delete"]}))
+def problems_of(tmp_path, **keys):
+    """Load the legacy sample with `keys` changed (dashes spelt as underscores); return its problems."""
+    data = {**legacy_data(), **{key.replace("_", "-"): value for key, value in keys.items()}}
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, data))
+    return raised.value.problems
+
+
+# The issue's options that passed the old deny-list (--del deleted a scientist's file; -q and
+# --out-format=%n made every EPN look empty), and more of the same kinds.
+REFUSED_RSYNC_OPTIONS = [
+    ("--del", "--del deletes files"),
+    ("--delete-after", "--delete-after deletes files"),
+    ("--delete-excluded", "--delete-excluded deletes files"),
+    ("--delete", "--delete deletes files"),
+    ("-essh", "-e (in -essh) changes how rsync reaches"),
+    ("-an", "-a (in -an) copies ownership"),
+    ("--rsync-path=sudo rsync", "holds whitespace"),
+    ("--rsync-path=/tmp/rsync", "--rsync-path changes how rsync reaches"),
+    ("--remote-option=--remove-source-files", "--remote-option changes how rsync reaches"),
+    ("--remove-source-files", "--remove-source-files deletes files"),
+    ("--only-write-batch=/tmp/batch", "--only-write-batch does not transfer"),
+    ("--list-only", "--list-only does not transfer"),
+    ("-n", "-n does not transfer"),
+    ("-q", "-q changes rsync's output"),
+    ("--out-format=%n", "--out-format changes rsync's output"),
+    ("-zv", "-v (in -zv) changes rsync's output"),
+    ("--info=progress2", "--info changes rsync's output"),
+    ("--max-size=1G", "--max-size changes which files are compared or sent"),
+    ("--exclude=*.h5", "--exclude changes which files"),
+    ("--delay-updates", "--delay-updates changes how or where files are written"),
+    ("--iconv=utf8,latin1", "--iconv converts file names"),
+    ("--inplace", "--inplace writes into the file under its final name"),
+    ("--preallocate", "--preallocate gives an unfinished file its full size"),
+    ("--chmod=777", "--chmod copies ownership"),
+    ("-L", "-L copies ownership, links"),
+    ("--timeout=5", "--timeout is set by mxsync from the key rsync-io-timeout"),
+    ("--times", "--times is set by mxsync already"),
+    ("--compr", "--compr is not one of the options known to be safe"),
+    ("--no-motd", "--no-motd changes how rsync reaches"),
+    ("--cc=none", "--cc=none: expected one of auto"),
+    ("--compress-level=99", "--compress-level=99: expected an integer from 0 to 22"),
+    ("--zc=gzip", "--zc=gzip: expected one of zstd"),
+    ("--block-size=1M", "--block-size=1M: expected a size from 1 to 131072 bytes"),
+    ("--bwlimit", "--bwlimit needs its value after '='"),
+    ("--bwlimit=fast", "--bwlimit=fast: expected a bandwidth"),
+    ("--compress=yes", "--compress takes no value"),
+    ("-z\n--delete", "holds whitespace or a control character"),
+    ("--", "expected an rsync option"),
+    ("compress", "expected an rsync option"),
+]
+
+
+@pytest.mark.parametrize("option, reason", REFUSED_RSYNC_OPTIONS)
+def test_rsync_option_outside_the_allow_list_is_refused_with_its_reason(tmp_path, option, reason):
+    (problem,) = problems_of(tmp_path, rsync_options=["--compress", option])
+    assert problem.startswith("rsync-options[1]: ") and reason in problem
+    assert "\n" not in problem
+    if " is not one of" in reason or "deletes" in reason or "changes" in reason:
+        assert "allowed: -z/--compress, " in problem
+
+
+ALLOWED_RSYNC_OPTIONS = [
+    "--compress", "-z", "-zW", "-z4", "--zc=zstd", "--compress-choice=zlib", "--zl=3", "--compress-level=9",
+    "--skip-compress=gz/bz2/h5", "--bwlimit=50M", "--cc=xxh128", "--checksum-choice=xxh3,md5",
+    "--block-size=128K", "--block-size=8192", "--whole-file", "-W", "--no-whole-file", "--no-W", "--sparse", "-S",
+    "--omit-dir-times", "-O", "--fsync", "--max-alloc=4G", "--numeric-ids", "--ipv4", "-6",
+]
+
+
+def test_allowed_rsync_options_load(tmp_path):
+    config = load_config(write(tmp_path, {**legacy_data(), "rsync-options": ALLOWED_RSYNC_OPTIONS}))
+    assert config.rsync_options == tuple(ALLOWED_RSYNC_OPTIONS)
+
+
+def test_bwlimit_in_rsync_options_and_rsync_bwlimit_is_one_too_many(tmp_path):
+    (problem,) = problems_of(tmp_path, rsync_bwlimit="10M", rsync_options=["--bwlimit=50M"])
+    assert problem == "rsync-options[0]: --bwlimit=50M: rsync-bwlimit is set too; keep one of the two"
+
+
+def _itemised_copy(tmp_path, option):
+    """Copy a small tree with mxsync's rsync options plus `option`; return (exit code, the files rsync listed)."""
+    source, destination = tmp_path / "source", tmp_path / "destination"
+    for relative in ("frames/img_0001.cbf", "frames/img_0002.cbf", "home/process.log", ".info"):
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source / relative).write_bytes(relative.encode() * 1000)
+    shutil.rmtree(destination, ignore_errors=True)
+    destination.mkdir()
+    process = subprocess.run(
+        ["rsync", *BASE_OPTIONS, option, f"{source}/", f"{destination}/"],
+        capture_output=True, stdin=subprocess.DEVNULL, check=False,
+    )
+    result = TransferResult("12282a")
+    for line in process.stdout.splitlines(keepends=True):
+        _record_item(result, line, "12282a")
+    return process.returncode, sorted(name for name, _ in result.files)
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
+@pytest.mark.parametrize("option", ALLOWED_RSYNC_OPTIONS)
+def test_real_rsync_takes_each_allowed_option_and_still_itemises_every_file(tmp_path, option):
+    assert _itemised_copy(tmp_path, option) == (0, [".info", "frames/img_0001.cbf", "frames/img_0002.cbf", "home/process.log"])
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
+@pytest.mark.parametrize("option", ["-q", "--out-format=%n"])
+def test_real_rsync_with_an_output_option_lists_no_file_which_is_why_it_is_refused(tmp_path, option):
+    assert _itemised_copy(tmp_path, option) == (0, [])
+
+
+def test_check_command_exits_2_naming_the_refused_option(legacy_copy):
+    data = {**legacy_data(), "rsync-options": ["-z", "--del"]}
+    legacy_copy.write_text(yaml.safe_dump(data))
+    result = subprocess.run(
+        [str(MXSYNC), "check", "--config", str(legacy_copy)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "rsync-options[1]: --del deletes files" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_missing_key_file_is_a_config_problem_at_its_key(tmp_path, legacy_copy, legacy_key_file):
+    legacy_key_file.unlink()
+    with pytest.raises(ConfigError) as raised:
+        load_config(legacy_copy)
+    (problem,) = raised.value.problems
+    assert problem.startswith(f"key-file: {legacy_key_file}: No such file or directory; set key-file to the private SSH key")
+
+
+def test_check_command_reports_a_missing_key_file_without_connecting(legacy_copy, legacy_key_file):
+    legacy_key_file.unlink()
+    result = subprocess.run(
+        [str(MXSYNC), "check", "--config", str(legacy_copy)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 2 and f"key-file: {legacy_key_file}: No such file or directory" in result.stderr
+
+
+def test_key_file_that_is_a_directory_or_readable_by_others_is_refused(tmp_path, legacy_copy, legacy_key_file):
+    legacy_key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"key-file: .*mx_key: mode 644 lets others read the key, so ssh refuses it; "
+                                          r"run: chmod 600 "):
+        load_config(legacy_copy)
+    legacy_key_file.unlink()
+    legacy_key_file.mkdir()
+    with pytest.raises(ConfigError, match=r"key-file: .*mx_key: not a regular file"):
+        load_config(legacy_copy)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_key_file_is_refused(legacy_copy, legacy_key_file):
+    legacy_key_file.chmod(0)
+    with pytest.raises(ConfigError, match=r"key-file: .*mx_key: Permission denied; "):
+        load_config(legacy_copy)
+
+
+def test_missing_known_hosts_says_how_to_make_one(tmp_path):
+    (problem,) = problems_of(tmp_path, known_hosts="etc/known_hosts", port=2222)
+    assert problem == (
+        f"known-hosts: {tmp_path}/etc/known_hosts: No such file or directory; create it with "
+        f"'ssh-keyscan -p 2222 sftp.synchrotron.org.au > {tmp_path}/etc/known_hosts', compare the fingerprints "
+        "with the facility's, and make it readable by the account that runs mxsync"
+    )
+
+
+def test_waiting_for_data_alert_hours(tmp_path):
+    assert load_config(write(tmp_path, legacy_data())).waiting_for_data_alert_hours == 48.0
+    config = load_config(write(tmp_path, {**legacy_data(), "waiting-for-data-alert-hours": 12.5}))
+    assert config.waiting_for_data_alert_hours == 12.5
+    (problem,) = problems_of(tmp_path, waiting_for_data_alert_hours=0)
+    assert problem == "waiting-for-data-alert-hours: expected a number of at least 1, got 0"
+
+
+def test_portal_time_format(tmp_path):
+    assert load_config(write(tmp_path, legacy_data())).portal_time_format == "local"
+    assert load_config(write(tmp_path, {**legacy_data(), "portal-time-format": "utc-offset"})).portal_time_format == "utc-offset"
+    (problem,) = problems_of(tmp_path, portal_time_format="UTC")
+    assert problem == "portal-time-format: expected one of local, utc, utc-offset, got 'UTC'"
+
+
+def test_waiting_for_data_alert_beyond_the_visit_range_warns(tmp_path):
+    config = load_config(write(tmp_path, {**legacy_data(), "waiting-for-data-alert-hours": 24 * 201}))
+    assert any("waiting-for-data-alert-hours: 4824 hours is beyond visit-day-range (200 days)" in warning
+               for warning in config.warnings)
 
 
 def test_readable_config_with_passwords_warns(legacy_copy):
@@ -140,7 +338,8 @@ def test_secrets_listed_for_masking(legacy_copy):
     assert set(load_config(legacy_copy).secrets()) == {"password"}
 
 
-@pytest.mark.parametrize("key, value", [("sync-frequency-hours", 1e300), ("portal-timeout", 1e9), ("epnalert-repeat-days", 4000)])
+@pytest.mark.parametrize("key, value", [("sync-frequency-hours", 1e300), ("portal-timeout", 1e9), ("epnalert-repeat-days", 4000),
+                                        ("waiting-for-data-alert-hours", 1e6)])
 def test_absurd_durations_are_refused(tmp_path, key, value):
     with pytest.raises(ConfigError, match=f"{key}: expected a number of at most"):
         load_config(write(tmp_path, {**legacy_data(), key: value}))

@@ -177,7 +177,7 @@ def _systemd_verify(unit_path):
 
 
 def test_sample_config_loads_with_the_project_loader(tmp_path):
-    config = load_config(ETC / "config.yml")
+    config = load_config(ETC / "config.yml", check_files=False)  # it names /opt/mx_sync/etc/mx_key
     assert config.host == "sftp.synchrotron.org.au"
     assert str(config.ignore_file) == "/opt/mx_sync/var/lib/ignore.yml"
     assert str(config.log_files.sync) == "/opt/mx_sync/var/log/sync.log"

@@ -261,12 +261,20 @@ def test_expired_unknown_and_misused_tokens_are_refused(portal):
     assert visits(portal, global_token).json() == {"meta": {"error_message": "Invalid or expired access token"}}
 
 
-def test_times_without_an_offset_are_rejected(portal):
-    portal.add_equipment(23)
+def test_times_without_an_offset_are_read_in_the_portal_zone_and_unreadable_ones_rejected(portal):
+    portal.add_visit(23, "100a", datetime(2024, 1, 1, 10), datetime(2024, 1, 1, 12))  # UTC
+    portal.naive_time_zone = timezone(timedelta(hours=10))
     _, access_token = token(portal)
 
-    response = visits(portal, access_token, start=datetime(2024, 1, 1), end=datetime(2024, 2, 1))
+    def listed(start, end):
+        response = visits(portal, access_token, start=start, end=end)
+        return response.status_code, [visit["epn"] for visit in response.json()["data"]["visits"]]
 
+    # HPC ASSyncy's form: 20:00-21:00 at UTC+10 is 10:00-11:00 UTC.
+    assert listed(datetime(2024, 1, 1, 20), datetime(2024, 1, 1, 21)) == (200, ["100a"])
+    assert listed(datetime(2024, 1, 1, 10), datetime(2024, 1, 1, 11)) == (200, [])
+    response = requests.get(f"{portal.url}/api/v1/equipment/23/visits", timeout=10, params={
+        "access_token": access_token, "start_time": "yesterday", "end_time": "2024-01-01T00:00:00"})
     assert response.status_code == 400
 
 

@@ -52,6 +52,10 @@ class PortalSimulator:
         self.credentials = {None: DEFAULT_CREDENTIALS}
         self.token_lifetime = 3600.0
         self.slow_seconds = 5.0
+        # How a query's times are read: a time without offset (HPC ASSyncy's form) in this zone, None
+        # meaning this machine's local time; with offsets_ignored, any offset is dropped first.
+        self.naive_time_zone = None
+        self.offsets_ignored = False
         self.requests_log = []
         self.issued_tokens = []
         self.url = None
@@ -177,7 +181,10 @@ class PortalSimulator:
                 return 403, _error(f"Token does not grant access to equipment {equipment_id}")
             visits = list(self._visits[equipment_id])
         try:
-            window_start, window_end = (_parse_time(query.get(name)) for name in ("start_time", "end_time"))
+            window_start, window_end = (
+                _parse_query_time(query.get(name), self.naive_time_zone, self.offsets_ignored)
+                for name in ("start_time", "end_time")
+            )
         except ValueError as error:
             return 400, _error(str(error))
         return 200, {"data": {"visits": [visit for visit in visits if _overlaps(visit, window_start, window_end)]}}
@@ -273,8 +280,22 @@ def _person(person):
     return {"first_names": first_names, "last_name": last_name, "email": email}
 
 
+def _parse_query_time(text, naive_zone, offsets_ignored):
+    """Parse a query's ISO 8601 time; one without an offset is read in `naive_zone` (None: local time)."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("start_time and end_time are required")
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is None or offsets_ignored:
+        wall_clock = moment.replace(tzinfo=None)
+        moment = wall_clock.replace(tzinfo=naive_zone) if naive_zone else wall_clock.astimezone()
+    return moment
+
+
 def _parse_time(text):
-    """Parse an ISO 8601 time that must carry a UTC offset, as the real portal expects."""
+    """Parse a stored visit's ISO 8601 time, which must carry a UTC offset."""
     if not isinstance(text, str) or not text:
         raise ValueError("start_time and end_time are required")
     try:

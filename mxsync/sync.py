@@ -246,7 +246,7 @@ class SyncCycle:
         self.outcome.waiting[transfer.epn] = reason
         ended = transfer.visit.end
         overdue = ended is not None and datetime.now(timezone.utc) - ended > timedelta(
-            hours=getattr(self.config, "waiting_for_data_alert_hours", 48)  # TEMP until confplan merge
+            hours=self.config.waiting_for_data_alert_hours
         )
         if overdue:
             message = f"waiting for data: {reason}, although its visit ended at {ended:%Y-%m-%d %H:%M %Z}"

@@ -124,7 +124,7 @@ def _lock_holder(lock):
 
 
 def run_status(config_path, as_json=False):
-    config = load_config(config_path)
+    config = load_config(config_path, check_files=False)  # a missing key must not hide what is known
     rows, notes, running = collect_status(config)
     if as_json:
         print(json.dumps({"epns": rows, "running": running, "notes": notes}, indent=2))

@@ -29,7 +29,7 @@ from mxsync.plan import fetch_visits, make_plan, summarise
 logger = logging.getLogger("mxsync.sync")
 
 # Sources whose failure staff hear about at once: nothing can move until they are fixed.
-IMMEDIATE_ALERTS = ("destination", "record")
+IMMEDIATE_ALERTS = ("destination", "record", "config")
 
 
 @dataclass

@@ -10,7 +10,8 @@ import yaml
 from mxsync.config import load_config
 from mxsync.plan import fetch_visits, find_current_start, make_plan
 from mxsync.portal import PortalClient, Visit, format_portal_time
-from mxsync.rsync import TransferResult, _record_item, rsh_string, verify_destination
+from mxsync.itemize import TransferResult, record_item, verify_destination
+from mxsync.rsync import rsh_string
 from tests.facility.portal import DEFAULT_CREDENTIALS
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
@@ -179,7 +180,7 @@ def test_itemised_lines_are_parsed_with_escapes():
         b"cL+++++++++ 5 link\n",
         b"some other message\n",
     ]:
-        _record_item(result, line, "12282a")
+        record_item(result, line, "12282a")
     assert result.files == [("frames/img_0001.cbf", 6291456), (".info", 12), ("home/odd\nname", 3)]
     assert result.files_transferred == 2 and result.bytes_transferred == 6291459
 

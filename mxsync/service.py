@@ -82,6 +82,7 @@ def run_service(config_path, execute, once, verbose=False):
     if execute:
         lock.acquire()
     signals, notifier = Signals(), SystemdNotifier()
+    supervisor.reset()  # a previous run in this process (tests, bench) stopped it
     signals.install()
     notifier.ready("started" if execute else "started (dry run)")
     logger.info("mxsync started (%s), config %s", "executing" if execute else "dry run, nothing is recorded", config.path)

@@ -9,7 +9,7 @@ import time
 from datetime import datetime, timezone
 
 from mxsync.config import load_config
-from mxsync.errors import StateFileError
+from mxsync.errors import PortalError, StateFileError
 from mxsync.history import LOCK_FILE_NAME, History
 from mxsync.names import epn_number
 from mxsync.plan import fetch_visits, make_plan
@@ -22,7 +22,7 @@ STATES = ("running", "failed", "waiting", "pending", "not ended", "unmapped", "r
 
 
 def collect_status(config):
-    """Return (rows, notes, running): one row per EPN known, general notes, and the transfers running now."""
+    """Return (rows, notes, running, portal error or None): one row per EPN known, and what else is known."""
     notes = []
     try:
         synced = IgnoreFile(config.ignore_file).load()
@@ -38,7 +38,11 @@ def collect_status(config):
     service_running = lock.is_held_elsewhere()
     running = _running_transfers(config) if service_running else {}
 
-    states, visits = _plan_states(config, synced, notes)
+    portal_error = None
+    try:
+        states, visits = _plan_states(config, synced, notes)
+    except PortalError as error:
+        states, visits, portal_error = {}, {}, str(error)
     for epn in history["epns"]:
         if states.get(epn, "pending") == "pending":
             states[epn] = "failed"
@@ -76,15 +80,14 @@ def collect_status(config):
         f"source {name}: failing for {entry['failures']} cycle(s): {entry.get('last_error')}"
         for name, entry in history["sources"].items()
     ]
-    return rows, notes, running
+    return rows, notes, running, portal_error
 
 
 def _plan_states(config, synced, notes):
-    """Ask the portal and plan as a cycle would; return ({epn: state}, {epn: visit}), or empty ones if it fails."""
+    """Ask the portal and plan as a cycle would; return ({epn: state}, {epn: visit}) or raise PortalError."""
     current, previous, _suspicious, errors, current_start = fetch_visits(config, PortalClient(config), datetime.now(timezone.utc))
     if errors and len(errors) >= len(config.equipment):
-        notes.append(f"the portal could not be asked ({errors[0]}); showing what mxsync knows without it")
-        return {}, {}
+        raise PortalError(errors[0])
     notes.extend(errors)
     plan = make_plan(config, current, previous, synced, current_start)
     states = {epn: "synced" for epn in plan.synced}
@@ -125,10 +128,18 @@ def _lock_holder(lock):
 
 def run_status(config_path, as_json=False):
     config = load_config(config_path, check_files=False)  # a missing key must not hide what is known
-    rows, notes, running = collect_status(config)
+    rows, notes, running, portal_error = collect_status(config)
     if as_json:
-        print(json.dumps({"epns": rows, "running": running, "notes": notes}, indent=2))
-        return 0
+        print(json.dumps({"epns": rows, "running": running, "notes": notes, "portal_error": portal_error}, indent=2))
+    else:
+        print_table(rows, notes, running)
+    if portal_error:
+        # What is known is printed above; the one error line and exit 1 tell scripts the view is partial.
+        raise PortalError(f"{portal_error}; the portal could not be asked, so only what mxsync knows is shown")
+    return 0
+
+
+def print_table(rows, notes, running):
     print(f"{'EPN':<12} {'STATE':<10} {'PROJECT':<12} {'VISIT END (UTC)':<17} DETAIL")
     for row in rows:
         detail = f"{row['failures']} failure(s): {row['last_error']}" if row["failures"] else (row["last_error"] or "")
@@ -142,4 +153,3 @@ def run_status(config_path, as_json=False):
         print(f"{row['epn']:<12} {row['state']:<10} {row['project'] or '-':<12} {visit_end:<17} {detail}".rstrip())
     for note in notes:
         print(f"note: {note}")
-    return 0

@@ -306,7 +306,7 @@ def rsync_commands(log):
     """Return the argument lists of every rsync transfer the DEBUG log shows."""
     commands = []
     for line in log.splitlines():
-        match = re.search(r": running (rsync .*)$", line)
+        match = re.search(r"Running \([^()]*: rsync\): (rsync .*)$", line)
         if match:
             commands.append(shlex.split(match.group(1)))
     return commands

@@ -255,7 +255,7 @@ def destination_read_only(facility, tally, rng):
         first = run_tool(MXSYNC, "--config", config, "--execute", "--once")
         tally.expect(first.returncode == 1, f"exit {first.returncode} on a read-only root (expected 1)")
         tally.expect("not writable (Read-only file system)" in log_text(facility), "no 'not writable' line")
-        tally.expect(": running rsync" not in log_text(facility), "rsync ran on a read-only root")
+        tally.expect(": rsync): rsync" not in log_text(facility), "rsync ran on a read-only root")
         tally.expect(wait_for(lambda: facility.smtp.messages, timeout=10)
                      and "destination" in subjects(facility)[0], "no immediate alert about the destination")
         tally.expect(remount(facility.destination, "rw"), "could not remount read-write")

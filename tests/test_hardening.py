@@ -251,13 +251,14 @@ def test_status_when_the_portal_is_down_shows_what_is_known(facility):
         _wait_for(lambda: log_file.exists() and "12282a: started" in log_file.read_text(), process)
         time.sleep(2.5)  # the activity file is written every second
         facility.portal.add_fault("http500", count=100)
-        result = mxsync("status", "--config", config, check=0)
+        result = mxsync("status", "--config", config, check=1)
     finally:
         process.terminate()
         process.communicate(timeout=30)
     lines = result.stdout.splitlines()
     assert any(line.startswith("12282a") and "running" in line and "files" in line for line in lines), result.stdout
-    assert any("portal could not be asked" in line for line in lines)
+    (error,) = result.stderr.splitlines()
+    assert error.startswith("mxsync: error: ") and "the portal could not be asked" in error
     assert any("holds the lock: pid" in line for line in lines)
 
 

@@ -1,6 +1,7 @@
 """What mxsync remembers between cycles besides ignore.yml: failures, outages, running EPNs, the last cycle.
 
-Kept in `mxsync-state.json` beside ignore.yml; losing it costs only history, never a sync record.
+Kept in `mxsync-state.json` beside ignore.yml; losing it costs only history, never a sync record,
+so a damaged file is moved aside and a fresh history started.
 """
 
 import logging
@@ -25,11 +26,15 @@ def _usable_entry(entry):
 
 def _shape_problem(data):
     """Return what makes a loaded history unusable, or None (a damaged file is set aside, never "repaired" in place)."""
-    for key in ("epns", "sources", "running"):
+    for key, usable in (("epns", _usable_entry), ("sources", _usable_entry), ("running", None), ("waiting", _is_dict)):
         entries = data.get(key, {})
-        if not isinstance(entries, dict) or key != "running" and not all(map(_usable_entry, entries.values())):
+        if not isinstance(entries, dict) or usable and not all(map(usable, entries.values())):
             return f"has an unusable '{key}' section ({describe(entries)})"
     return None
+
+
+def _is_dict(entry):
+    return isinstance(entry, dict)
 
 
 def utc_now_text():

@@ -199,13 +199,13 @@ class IgnoreFile:
         """Return text with the EPNs `new` added and every other character kept, checked to read as `updated`."""
         try:
             new_text = _insert_lines(text, new) if layout is _LINES else _insert_in_document(text, layout, new)
-            problem = None if self._parse(new_text)[0] == updated else "it would not read back as the old list plus these"
-        except (StateFileError, ValueError) as error:
-            problem = str(error)
-        if problem:
+            kept = self._parse(new_text)[0] == updated
+        except (StateFileError, ValueError):
+            kept = False
+        if not kept:  # e.g. a key given twice, or an ended document: refuse rather than lose a word of it
             raise StateFileError(
-                f"{self.path}: cannot add {', '.join(new)} while keeping its hand-written comments ({problem}); "
-                "add them by hand, or use one '- EPN' line per entry; the file is unchanged"
+                f"{self.path}: cannot add {', '.join(new)} while keeping its hand-written comments in this layout; "
+                "add them by hand, or write the list as one '- EPN' line per entry; the file is unchanged"
             )
         return new_text
 
@@ -271,10 +271,10 @@ def _insert_in_document(text, document, new):
         return starts[mark.line] + mark.column
 
     entries = [_scalar(epn) for epn in new]
-    if document is None:  # only comments and blank lines
+    if document is None or isinstance(document, yaml.ScalarNode):  # only comments (the caller checks the rest)
         return _insert_at(text, len(text), [f"{IGNORE_KEY}:"] + [f"- {entry}" for entry in entries])
     if not isinstance(document, yaml.MappingNode) or len(document.value) != 1:
-        raise ValueError(f"its layout is not one '{IGNORE_KEY}' key")
+        raise ValueError(f"not one '{IGNORE_KEY}' key")
     key, value = document.value[0]
     if isinstance(value, yaml.SequenceNode) and value.flow_style:
         if value.value:  # right after the last item, before any trailing comma or comment
@@ -313,10 +313,12 @@ class JsonStore:
         try:
             data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
         except ValueError as error:  # UnicodeDecodeError included
-            problem = f"is corrupt ({error})"
+            data, problem = None, f"is corrupt ({error})"
         else:
-            problem = f"should hold a JSON object, not {describe(data)}" if not isinstance(data, dict) else check and check(data)
-        if not problem:
+            problem = f"should hold a JSON object, not {describe(data)}" if not isinstance(data, dict) else None
+        if problem is None and check is not None:
+            problem = check(data)
+        if problem is None:
             return data
         if not recover:
             raise StateFileError(f"{self.path}: the {self.what} {problem}; move it aside to start a fresh history")

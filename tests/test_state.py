@@ -178,6 +178,7 @@ HAND_WRITTEN = [
     ("no trailing newline", "previouslySynched:\n- 12282a\n- 12283b  # last", True),
     ("empty list, comment", "previouslySynched:\n# nothing synced yet\n", True),
     ("only a comment", "# nothing synced yet", False),
+    ("document marker, comment", "---\n# nothing synced yet\n", False),
     ("flow style with a comment", "# HPC ASSyncy's list\npreviouslySynched: [12283b, 12282a]  # as the old tool wrote it\n", False),
     ("multi-line flow with comments", "previouslySynched: [\n  12282a,  # first\n  12283b,\n]\n", False),
     ("empty flow list, comment", "previouslySynched: []  # none yet\n", False),
@@ -245,7 +246,7 @@ def test_files_without_hand_comments_are_still_rendered_in_the_fast_format(tmp_p
 def test_hand_layout_that_cannot_be_kept_is_refused_and_left_unchanged(tmp_path, text):
     path = tmp_path / "ignore.yml"
     path.write_bytes(text.encode("utf-8"))
-    with pytest.raises(StateFileError, match="cannot add 99999a while keeping its hand-written comments") as raised:
+    with pytest.raises(StateFileError, match="cannot add 99999a while keeping its hand-written comments in") as raised:
         IgnoreFile(path).add(["99999a"])
     assert str(path) in str(raised.value) and "the file is unchanged" in str(raised.value)
     assert path.read_bytes() == text.encode("utf-8")
@@ -321,8 +322,15 @@ def test_json_store_check_names_an_unusable_shape(tmp_path):
 
 @pytest.mark.parametrize(
     "text",
-    ['{"epns": {"12282a": {"failures": 1}', "\xff\xfe", "[]", '{"epns": []}', '{"sources": {"ssh": {"failures": "3"}}}'],
-    ids=["truncated", "not UTF-8", "a list", "unusable epns", "unusable sources"],
+    [
+        '{"epns": {"12282a": {"failures": 1}',
+        "\xff\xfe",
+        "[]",
+        '{"epns": []}',
+        '{"sources": {"ssh": {"failures": "3"}}}',
+        '{"waiting": {"12282a": "no data"}}',
+    ],
+    ids=["truncated", "not UTF-8", "a list", "unusable epns", "unusable sources", "unusable waiting"],
 )
 def test_damaged_history_is_moved_aside_and_started_afresh(tmp_path, caplog, text):
     raw = text.encode("latin-1")

@@ -1,6 +1,7 @@
 """What mxsync remembers between cycles besides ignore.yml: failures, outages, running EPNs, the last cycle.
 
-Kept in `mxsync-state.json` beside ignore.yml; losing it costs only history, never a sync record.
+Kept in `mxsync-state.json` beside ignore.yml; losing it costs only history, never a sync record,
+so a damaged file is moved aside and a fresh history started.
 """
 
 import logging
@@ -23,6 +24,19 @@ def _usable_entry(entry):
     return isinstance(failures, int) and not isinstance(failures, bool)
 
 
+def _shape_problem(data):
+    """Return what makes a loaded history unusable, or None (a damaged file is set aside, never "repaired" in place)."""
+    for key, usable in (("epns", _usable_entry), ("sources", _usable_entry), ("running", None), ("waiting", _is_dict)):
+        entries = data.get(key, {})
+        if not isinstance(entries, dict) or usable and not all(map(usable, entries.values())):
+            return f"has an unusable '{key}' section ({describe(entries)})"
+    return None
+
+
+def _is_dict(entry):
+    return isinstance(entry, dict)
+
+
 def utc_now_text():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -33,15 +47,16 @@ class History:
     def __init__(self, state_dir, read_only=False):
         self.store = JsonStore(state_dir / STATE_FILE_NAME, "mxsync failure history")
         self.read_only = read_only
-        self.data = self.store.load()
+        self.problem = None  # why the file's history was not used, for status views
+        try:
+            # A damaged file is moved aside with one warning; a read-only view (status, dry run) moves nothing.
+            self.data = self.store.load(check=_shape_problem, recover=not read_only)
+        except StateFileError as error:
+            # Only history is lost: go on without it, never overwriting the file (an executing run retries next cycle).
+            self.problem, self.read_only, self.data = str(error), True, {}
+            logger.warning("%s; going on without the failure history%s", error, "" if read_only else " this cycle")
         for key in ("epns", "sources", "running"):
-            entries = self.data.setdefault(key, {})
-            # A hand-edited or damaged file is refused like a corrupt one, never "repaired" by overwriting it.
-            if not isinstance(entries, dict) or key != "running" and not all(map(_usable_entry, entries.values())):
-                raise StateFileError(
-                    f"{self.store.path}: the mxsync failure history has an unusable '{key}' section "
-                    f"({describe(entries)}); move the file aside to start a fresh history"
-                )
+            self.data.setdefault(key, {})
         self._lock = threading.Lock()
 
     def save(self):

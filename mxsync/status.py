@@ -29,11 +29,10 @@ def collect_status(config):
     except StateFileError as error:
         synced = set()
         notes.append(f"ignore.yml cannot be read, so no EPN shows as synced: {error}")
-    try:
-        history = History(config.state_dir, read_only=True).data
-    except StateFileError as error:
-        history = {"epns": {}, "sources": {}, "running": {}}
-        notes.append(str(error))
+    view = History(config.state_dir, read_only=True)  # a damaged file is ignored here, never moved
+    history = view.data
+    if view.problem:
+        notes.append(view.problem)
     lock = InstanceLock(config.state_dir / LOCK_FILE_NAME)
     service_running = lock.is_held_elsewhere()
     running = _running_transfers(config) if service_running else {}

@@ -322,8 +322,9 @@ def test_etc_unit_has_the_required_settings():
     for expected in (
         "Type=notify",
         "NotifyAccess=main",
-        "ExecStartPre=/opt/mx_sync/bin/mxsync check --config /opt/mx_sync/etc/config.yml",
         "ExecStart=/opt/mx_sync/bin/mxsync --config /opt/mx_sync/etc/config.yml --execute",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "RestartPreventExitStatus=2",
         "User=mxsync",
         "Restart=on-failure",
         "KillMode=mixed",
@@ -335,6 +336,9 @@ def test_etc_unit_has_the_required_settings():
         assert expected in settings
     # rsync sets the set-group-ID bit on directories (--chmod=Dg+s); RestrictSUIDSGID would refuse it.
     assert not any(line.startswith("RestrictSUIDSGID") for line in settings)
+    # RestartPreventExitStatus= covers the main process only: a config check in ExecStartPre= that
+    # exits 2 is restarted every RestartSec= (tests/test_systemd.py shows it under a real systemd).
+    assert not any(line.startswith("ExecStartPre") for line in settings)
 
 
 def test_etc_unit_passes_systemd_analyze_verify(tmp_path):

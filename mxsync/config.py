@@ -5,12 +5,15 @@ collected and reported together, each at its key path (`equipment[1].id: expecte
 """
 
 import difflib
+import inspect
 import logging
 import math
 import os
 import re
 import stat
 from dataclasses import dataclass, field
+from email.headerregistry import Address
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -25,8 +28,19 @@ SMTP_SECURITY_CHOICES = ("none", "starttls", "ssl")
 # How visit queries write their times (see format_portal_time in mxsync/portal.py).
 PORTAL_TIME_FORMATS = ("local", "utc", "utc-offset")
 HOST_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
-USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-EMAIL_PATTERN = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+# '@' is allowed: HPC ASSyncy logged in as help@massive.org.au, and ssh and rsync split
+# `user@host` at the last '@'. No leading '-' (an ssh option), no ':', '/' or whitespace.
+USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.@-]*[A-Za-z0-9_.-])?")
+# A bare address as the SMTP envelope takes it: a dot-atom local part (RFC 5322), then a domain
+# name or an [address literal]. ASCII only: smtplib sends envelope commands as ASCII
+# (an international domain is written in its xn-- form); display names may be any text.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+EMAIL_PATTERN = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@(?:{_LABEL}(?:\.{_LABEL})*|\[[A-Za-z0-9.:]+\])")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Python 3.13 (and the 2024 security releases before it) parses strictly by default and refuses 'a@x.edu; b@y.edu',
+# which HPC ASSyncy sent to; ask for its lax parser where there is the choice, so every Python reads a config alike.
+GETADDRESSES_OPTIONS = {"strict": False} if "strict" in inspect.signature(getaddresses).parameters else {}
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class Config:
     portal_retries: int
     portal_retry_delay: float
     portal_time_format: str
+    # Addresses as headers show them ('Staff <s@x.edu>' or 's@x.edu'); smtplib puts the bare ones in the envelope.
     email_to: Tuple[str, ...]
     email_from: str
     smtp: SmtpSettings
@@ -92,7 +107,7 @@ class Config:
     template_html: Optional[str]
     epnalert_only_new: bool
     epnalert_repeat_days: float
-    visit_day_range: int
+    visit_day_range: float  # an int when whole
     destination_root: Path
     destination_must_be_mount_point: bool
     sync_frequency_hours: float
@@ -210,14 +225,44 @@ def _pattern(regex, what):
     return convert
 
 
-def _email_list(value):
-    addresses = value if isinstance(value, list) else [value]
+EMAIL_LIST_EXPECTED = "email addresses ('a@x.edu', 'Staff <s@x.edu>'), separated by commas or as a YAML list"
+
+
+def _addresses(text, expected):
+    """Given 'a@x.edu, Staff <s@x.edu>', return each address as it goes in a header ('Staff <s@x.edu>')."""
+    if not isinstance(text, str) or CONTROL_CHARACTERS.search(text):
+        raise _expected(expected, text)
+    # HPC ASSyncy's smtplib took its recipients from this parser, so whatever it sent to parses here too.
+    # ('', '') is what is left of a stray separator: 'a@x.edu,' or Outlook's 'a@x.edu; b@y.edu'.
+    pairs = [pair for pair in getaddresses([text], **GETADDRESSES_OPTIONS) if pair != ("", "")]
+    # The parser is lax: it may drop what it cannot read, or glue words ('a@x.edu junk' -> 'a@x.edujunk').
+    # So every '@' written must come out, and every address must be written as it came out.
+    if text.count("@") != sum(name.count("@") + address.count("@") for name, address in pairs):
+        raise _Invalid(f"expected {expected}, got {describe(text)}, of which a part is not an address")
+    addresses = []
+    for name, address in pairs:
+        if EMAIL_PATTERN.fullmatch(address) is None or address not in text:
+            raise _Invalid(f"expected {expected}, got {describe(text)}, in which {describe(address or name)} is not an email address")
+        addresses.append(str(Address(display_name=name, addr_spec=address)))
     if not addresses:
-        raise _expected("an email address or a list of them", value)
-    for address in addresses:
-        if not isinstance(address, str) or EMAIL_PATTERN.fullmatch(address.strip()) is None:
-            raise _expected("an email address or a list of them", address)
-    return tuple(address.strip() for address in addresses)
+        raise _expected(expected, text)
+    return addresses
+
+
+def _email_list(value):
+    items = value if isinstance(value, list) else [value]
+    addresses = [address for item in items for address in _addresses(item, EMAIL_LIST_EXPECTED)]
+    if not addresses:
+        raise _expected(EMAIL_LIST_EXPECTED, value)
+    return tuple(addresses)
+
+
+def _email_address(value):
+    expected = "one email address, e.g. 'mxsync@x.edu' or 'MX sync <mxsync@x.edu>'"
+    addresses = _addresses(value, expected)
+    if len(addresses) != 1:
+        raise _expected(expected, value)
+    return addresses[0]
 
 
 def _string_list(value):
@@ -225,6 +270,14 @@ def _string_list(value):
     if not all(isinstance(item, str) and item for item in items):
         raise _expected("a string or a list of strings", value)
     return tuple(items)
+
+
+def _day_count(value):
+    """Days as a number (HPC ASSyncy passed the value to timedelta, so 7.5 worked); whole days stay integers."""
+    if isinstance(value, str) and value.strip().isdigit():  # as the integer this key used to be
+        value = int(value)
+    days = _number(1, 36500)(value)
+    return int(days) if days.is_integer() else days
 
 
 def _log_level(value):
@@ -267,7 +320,7 @@ def _smtp_address(value):
 REQUIRED = object()
 
 TOP_LEVEL = {
-    "comment": (_string, None),
+    "comment": (None, None),  # free text, never read (HPC ASSyncy did not read it either)
     "epn_cap_map": (_cap_map, REQUIRED),
     "ignore": (_string, REQUIRED),
     "state-dir": (_string, None),
@@ -275,7 +328,8 @@ TOP_LEVEL = {
     "base-url": (_pattern(re.compile(r"https?://[^\s/]+(/\S*)?"), "an http:// or https:// URL"), REQUIRED),
     "beamline": (_pattern(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*"), "a beamline name such as 'mx'"), None),
     "host": (_pattern(HOST_PATTERN, "a host name or address"), REQUIRED),
-    "username": (_pattern(USERNAME_PATTERN, "a login name (letters, digits, '_', '.', '-')"), None),
+    "username": (_pattern(USERNAME_PATTERN, "a login name such as help@massive.org.au (letters, digits, '_', '.', '-', '@'; "
+                                            "starting with a letter, digit or '_')"), None),
     "port": (_integer(1, 65535), 22),
     "key-file": (_string, None),
     "known-hosts": (_string, None),
@@ -290,7 +344,7 @@ TOP_LEVEL = {
     "portal-retry-delay": (_number(0), 2.0),
     "portal-time-format": (_choice(*PORTAL_TIME_FORMATS), "local"),
     "epnalert-email-to": (_email_list, REQUIRED),
-    "epnalert-email-from": (_pattern(EMAIL_PATTERN, "an email address"), REQUIRED),
+    "epnalert-email-from": (_email_address, REQUIRED),
     "epnalert-email-smtp": (_smtp_address, REQUIRED),
     "epnalert-email-smtp-security": (_choice(*SMTP_SECURITY_CHOICES), "none"),
     "epnalert-email-smtp-username": (_string, None),
@@ -302,7 +356,7 @@ TOP_LEVEL = {
     "epnalert-only-new": (_boolean, False),
     "epnalert-repeat-days": (_number(0, 3650), 0.0),
     "mxsync-email-to": (_email_list, None),
-    "visit-day-range": (_integer(1, 36500), 30),
+    "visit-day-range": (_day_count, 30),
     "destination-root-path": (_string, REQUIRED),
     "destination-must-be-mount-point": (_boolean, False),
     "sync-frequency-hours": (_number(0.001, 8760), 24.0),
@@ -647,8 +701,14 @@ def _check_cap_map(raw_map, collector):
     cap_map = {}
     for number, project in raw_map.items():
         key_path = f"epn_cap_map.{number}"
+        if isinstance(project, int) and not isinstance(project, bool):
+            project = str(project)  # HPC ASSyncy put the value into the path as text: 1234 is folder '1234'
         if isinstance(number, bool) or EPN_NUMBER_PATTERN.fullmatch(str(number)) is None:
             collector.problem(key_path, f"expected an EPN number (digits only, e.g. '12282'), got {describe(number)}")
+        elif project is None:
+            # HPC ASSyncy treated an entry without a folder as unmapped; a placeholder must not stop every sync.
+            collector.warning(key_path, "no project folder given, so its EPNs are treated as unmapped: not synced, "
+                                        "and listed by epnalert; add the folder name")
         elif not is_project(project):
             collector.problem(key_path, f"expected a project folder name (letters, digits, '_.+-'), got {describe(project)}")
         else:

@@ -27,11 +27,16 @@ class ReceivedMessage:
 
 
 class SmtpSink:
-    """Collects mail sent to 127.0.0.1:`port`; set `fail_with` (e.g. "451 Try again later") to refuse DATA."""
+    """Collects mail sent to 127.0.0.1:`port`; set `fail_with` (e.g. "451 Try again later") to refuse DATA.
 
-    def __init__(self, require_auth=None, fail_with=None):
+    `ssl_context` makes it speak TLS from the start (port 465 style), `tls_context` offers STARTTLS.
+    """
+
+    def __init__(self, require_auth=None, fail_with=None, ssl_context=None, tls_context=None):
         self.require_auth = require_auth
         self.fail_with = fail_with
+        self.ssl_context = ssl_context
+        self.tls_context = tls_context
         self.messages = []
         self.host = LOOPBACK
         self.port = None
@@ -93,6 +98,10 @@ class SmtpSink:
     def _make_controller(self, port):
         # A fixed server_hostname spares aiosmtpd a getfqdn() DNS lookup that can stall.
         options = {"hostname": self.host, "port": port, "server_hostname": "smtp.facility.test"}
+        if self.ssl_context:
+            options["ssl_context"] = self.ssl_context
+        if self.tls_context:
+            options["tls_context"] = self.tls_context
         if self.require_auth:
             options.update(authenticator=self._authenticate, auth_required=True, auth_require_tls=False)
         return Controller(self, **options)

@@ -7,6 +7,7 @@ mark what is new; it changes only after a successful send, never in a dry run.
 
 import logging
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Optional, Tuple
@@ -291,11 +292,14 @@ def build_alert(config, gathered, previous, now):
 
 def _print_dry_run(config, alert, send, reason):
     if not alert.unknown:
-        print("# epnalert --dry-run: no unknown EPNs, so no email would be sent.")
-        return
-    verdict = f"would be sent to {', '.join(config.email_to)}" if send else "would NOT be sent"
-    print(f"# epnalert --dry-run: this email {verdict} ({reason}); nothing sent, no state changed.")
-    print(describe_message(compose(config, alert)))
+        output = "# epnalert --dry-run: no unknown EPNs, so no email would be sent.\n"
+    else:
+        verdict = f"would be sent to {', '.join(config.email_to)}" if send else "would NOT be sent"
+        output = f"# epnalert --dry-run: this email {verdict} ({reason}); nothing sent, no state changed.\n"
+        output += describe_message(compose(config, alert)) + "\n"
+    sys.stdout.write(output)
+    # Flushed here, not at exit: a reader that went away (`| head`) must show up while errors are still handled.
+    sys.stdout.flush()
 
 
 def _send(config, alert):

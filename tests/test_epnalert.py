@@ -4,6 +4,7 @@ A few fast tests of the pure logic (unknown EPNs, what is new, when to send, tex
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,10 +17,12 @@ import pytest
 from bs4 import BeautifulSoup
 
 from epnalert.alert import Alert, UnknownEpn, decide, find_unknown, mark_new
-from epnalert.render import format_time, html_to_text, legacy_unknown_epns
+from epnalert.render import check_templates, format_time, html_to_text, legacy_unknown_epns, printable
+from mxsync.errors import MailError
 from mxsync.portal import Person, Visit
 
 EPNALERT = Path(sys.executable).with_name("epnalert")
+LEGACY_TEMPLATES = Path(__file__).parent / "data" / "legacy-templates"
 SUBJECT = "Unknown ownership of EPNs"
 UTC = timezone.utc
 NOW = datetime(2024, 5, 1, 1, 0, tzinfo=UTC)
@@ -107,6 +110,70 @@ def test_format_time_keeps_the_portal_offset():
     melbourne = timezone(timedelta(hours=10))
     assert format_time(datetime(2024, 4, 28, 9, 5, tzinfo=melbourne)) == "2024-04-28 09:05 +10:00"
     assert format_time(None) == "unknown"
+
+
+@pytest.mark.parametrize(
+    "name, shown",
+    [
+        ("Zoë Ångström", "Zoë Ångström"),  # letters of any script stay
+        ("Nguyễn Thị Minh Khai 李小龙", "Nguyễn Thị Minh Khai 李小龙"),
+        ("Eve\r\n\r\nepn_cap_map:", "Eve\\r\\n\\r\\nepn_cap_map:"),
+        ("a\u2028b\u2029c\x85d\x0be\x0cf", "a\\u2028b\\u2029c\\x85d\\x0be\\x0cf"),  # every line break Python knows
+        ("\x1b[31mred\x00", "\\x1b[31mred\\x00"),
+        ("abc\u202eevil", "abc\\u202eevil"),  # a bidi override would show the text reversed
+    ],
+)
+def test_printable_escapes_controls_and_line_separators(name, shown):
+    assert printable(name) == shown
+    assert len(printable(name).splitlines()) == 1
+
+
+def template_config(tmp_path, text=None, html=None, folder=None):
+    """Return a stand-in for Config with just what rendering reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        path=tmp_path / "config.yml",
+        template_folder=folder,
+        template_text=text,
+        template_html=html,
+        email_from="mxsync@hpc.example.org",
+        email_to=("staff@hpc.example.org",),
+    )
+
+
+def test_check_templates_renders_built_in_and_old_templates(tmp_path):
+    assert check_templates(template_config(tmp_path)) == "built-in templates render on sample data"
+    detail = check_templates(template_config(tmp_path, "epnalert-text.j2", "epnalert-html.j2", LEGACY_TEMPLATES))
+    assert detail.startswith(f"epnalert-text.j2 and epnalert-html.j2 in {LEGACY_TEMPLATES} render on sample data")
+    assert "epnalert adds its notice" in detail
+
+
+@pytest.mark.parametrize(
+    "source, line, problem",
+    [
+        ("line one\n{% for x in %}\n", 2, "Expected an expression"),  # syntax
+        ("line one\n\n{{ alert.unknown|length // 0 }}\n", 3, "cannot render it: integer division or modulo by zero"),
+        ("{% for item in alert.unknown %}\n{{ item.epn }}\n{{ item.nothing.at_all }}\n{% endfor %}", 3, "cannot render it"),
+        ("{{ alert.unknown[0].visit.start.strftime(7) }}", 1, "cannot render it: strftime() argument 1 must be str"),
+    ],
+)
+def test_check_templates_names_file_and_line_of_a_broken_template(tmp_path, source, line, problem):
+    (tmp_path / "bad.j2").write_text(source)
+    for config in (
+        template_config(tmp_path, text="bad.j2", folder=tmp_path),
+        template_config(tmp_path, html="bad.j2", folder=tmp_path),
+    ):
+        with pytest.raises(MailError) as error:
+            check_templates(config)
+        message = str(error.value)
+        assert message.startswith(f"template {tmp_path / 'bad.j2'}, line {line}: ") and problem in message
+        assert "\n" not in message
+
+
+def test_check_templates_names_a_missing_template(tmp_path):
+    with pytest.raises(MailError, match=r"template nope\.j2: not found in "):
+        check_templates(template_config(tmp_path, text="nope.j2", folder=tmp_path))
 
 
 # ---------------------------------------------------------------- end to end: helpers
@@ -402,6 +469,8 @@ def test_portal_failure_still_alerts_and_says_so(facility, fault, reason):
     assert "portal equipment 23 (mx)" in banner and reason in banner
     box = BeautifulSoup(html, "html.parser").find("div")
     assert "may be incomplete" in box.get_text() and reason in box.get_text()
+    # The built-in templates show it all themselves: no second notice on top.
+    assert text.count("INCOMPLETE") == 1 and html.count("may be incomplete") == 1
     assert "Source failed" in result.stderr and reason in result.stderr  # cron mails the warning too
 
 
@@ -491,47 +560,97 @@ def test_corrupt_state_file_still_alerts_and_is_left_alone(facility):
 
 # ---------------------------------------------------------------- templates
 
-OLD_TEXT_TEMPLATE = """Please see the MX integration work instructions.
-
-{{ epn_details }}
-
-These EPNs are unknown:
-{{ unknown_epns }}"""
-
-OLD_HTML_TEMPLATE = """<html><body><pre>
-Please see the MX integration work instructions.
-
-{{ epn_details }}
-
-These EPNs are unknown:
-{{ unknown_epns }}
-</pre></body></html>
-"""
+STARS = "*" * 78
 
 
-def test_old_style_templates_render(facility, tmp_path):
-    times = populate(facility)
-    folder = tmp_path / "etc"
-    folder.mkdir()
-    (folder / "epnalert-text.j2").write_text(OLD_TEXT_TEMPLATE)
-    (folder / "epnalert-html.j2").write_text(OLD_HTML_TEMPLATE)
-    config = facility.write_config(
-        epnalert_template_folder=str(folder), epnalert_template_text="epnalert-text.j2", epnalert_template_html="epnalert-html.j2"
+def legacy_config(facility, **overrides):
+    """Write a config with HPC ASSyncy's templates (tests/data/legacy-templates), as an upgraded site has it."""
+    return facility.write_config(
+        epnalert_template_folder=str(LEGACY_TEMPLATES),
+        epnalert_template_text="epnalert-text.j2",
+        epnalert_template_html="epnalert-html.j2",
+        **overrides,
     )
-    ok(run_epnalert(config))
+
+
+def notice_of(text):
+    """Split a text part into (the starred notice on top, or None; the rest)."""
+    match = re.match(rf"{re.escape(STARS)}\n(.*?)\n{re.escape(STARS)}\n\n", text, re.DOTALL)
+    return (match.group(1), text[match.end() :]) if match else (None, text)
+
+
+def first_in_body(html):
+    """Return the first element inside the HTML part's <body>."""
+    return BeautifulSoup(html, "html.parser").body.find(True)
+
+
+def test_old_style_templates_render(facility):
+    times = populate(facility)
+    ok(run_epnalert(legacy_config(facility)))
 
     text, html = bodies(facility.smtp.wait_for(1)[0])
-    assert text.startswith("Please see the MX integration work instructions.")
-    assert f"Epn 20001a on {times['20001a'][0].isoformat()} is not known.\n" in text
-    assert f"Principal scientist: Zoë Ångström {ZOE[2]}\nIt includes scientists: \nFirst name" in text
-    assert re.search(r"^<b>Bob</b>\s+Builder\s+bob@uni\.example\.edu$", text, re.MULTILINE)
-    assert "** Please add it the config. **" in text
-    assert "Epn 30003c on" in text and "Epn 20002b" not in text  # with a visit / without one
-    unknown_table = text.split("These EPNs are unknown:\n")[1]
+    # The old templates show no suspicious names: our notice lists them on top, the old email follows as it was.
+    notice, old = notice_of(text)
+    assert "'lost+found'" in notice and "'EPN-99'" in notice and "INCOMPLETE" not in notice
+    assert old.startswith("Work instructions: href=https://wiki.example.edu/hpc/mx-integration\n\n")
+    assert f"Epn 20001a on {times['20001a'][0].isoformat()} is not known.\n" in old
+    assert f"Principal scientist: Zoë Ångström {ZOE[2]}\nIt includes scientists: \nFirst name" in old
+    assert re.search(r"^<b>Bob</b>\s+Builder\s+bob@uni\.example\.edu$", old, re.MULTILINE)
+    assert "** Please add it the config. **" in old
+    assert "Epn 30003c on" in old and "Epn 20002b" not in old  # with a visit / without one
+    unknown_table = old.split("The following epns are not known:\n")[1]
     assert unknown_table.split() == ["------", "20002b", "------"]
+    box = first_in_body(html)
+    assert box.name == "div" and "lost+found" in box.get_text() and "EPN-99" in box.get_text()
+    assert "may be incomplete" not in box.get_text()
     pre = BeautifulSoup(html, "html.parser").find("pre")
     assert "&lt;b&gt;Bob&lt;/b&gt;" in html and pre.find("b") is None
     assert "Epn 20001a on" in pre.get_text() and "Zoë Ångström" in pre.get_text()
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        ("http500", "HTTP 500"),
+        ("html", "'Down for maintenance'"),
+        ("host key", "host key does not match"),
+    ],
+)
+def test_old_style_templates_still_say_a_source_failed(facility, fault, reason):
+    populate(facility)
+    if fault == "host key":
+        facility.sshd.regenerate_host_key()
+        failed, suspicious = "SFTP", "'EPN-99'"
+    else:
+        facility.portal.add_fault(fault, "/api/v1/equipment", count=100)
+        failed, suspicious = "portal equipment 23 (mx)", "'lost+found'"
+    ok(run_epnalert(legacy_config(facility, portal_retries=1)))
+
+    text, html = bodies(facility.smtp.wait_for(1)[0])
+    notice, old = notice_of(text)
+    assert notice.startswith("  THIS LIST MAY BE INCOMPLETE: a source could not be used.\n  - ")
+    assert failed in notice and reason in notice and suspicious in notice
+    assert text.count("INCOMPLETE") == 1 and old.startswith("Work instructions:")
+    box = first_in_body(html)
+    assert box.name == "div" and box.find_next_sibling("pre") is not None
+    shown = box.get_text()
+    assert "may be incomplete" in shown and failed in shown and reason in shown and suspicious.strip("'") in shown
+    assert html.count("may be incomplete") == 1
+
+
+def test_a_template_that_shows_failures_and_suspicious_names_gets_no_notice(facility, tmp_path):
+    populate(facility)
+    facility.portal.add_fault("http500", "/api/v1/equipment", count=100)
+    (tmp_path / "own.j2").write_text(
+        "{% for f in alert.failed_sources %}{{ f.part }} failed: {{ f.reason }}\n{% endfor %}"
+        "{% for r in alert.suspicious %}odd: {{ r.name }} ({{ r.reason }})\n{% endfor %}"
+        "{% for item in alert.unknown %}{{ item.epn }}\n{% endfor %}"
+    )
+    config = facility.write_config(epnalert_template_folder=str(tmp_path), epnalert_template_text="own.j2", portal_retries=1)
+    ok(run_epnalert(config))
+    text = facility.smtp.wait_for(1)[0].message.get_content()
+    assert notice_of(text)[0] is None and STARS not in text
+    assert text.startswith("equipment 23 (mx) failed: portal ") and "HTTP 500" in text and "odd: 'lost+found'" in text
 
 
 def test_text_only_template_sends_text_only(facility, tmp_path):
@@ -542,7 +661,9 @@ def test_text_only_template_sends_text_only(facility, tmp_path):
     ok(run_epnalert(facility.write_config(epnalert_template_folder=str(folder), epnalert_template_text="plain.j2")))
     message = facility.smtp.wait_for(1)[0].message
     assert message.get_content_type() == "text/plain"
-    assert message.get_content().splitlines() == ["20001a SFTP and portal", "20002b SFTP", "30003c portal", "30004a portal"]
+    notice, rest = notice_of(message.get_content())
+    assert "'lost+found'" in notice and "'EPN-99'" in notice
+    assert rest.splitlines() == ["20001a SFTP and portal", "20002b SFTP", "30003c portal", "30004a portal"]
 
 
 def test_html_only_template_gets_a_derived_text_part(facility, tmp_path):
@@ -560,22 +681,84 @@ def test_html_only_template_gets_a_derived_text_part(facility, tmp_path):
     ok(run_epnalert(config))
 
     text, html = bodies(facility.smtp.wait_for(1)[0])
-    assert "<td>20001a</td>" in html
+    assert "<td>20001a</td>" in html and first_in_body(html).name == "div"
     lines = text.splitlines()
-    assert lines[:3] == [SUBJECT, "", "4 new."]
+    # The HTML part's notice comes first in the derived text too, once.
+    assert lines[0].startswith("Names or records that are not valid EPNs") and text.count("'lost+found'") == 1
+    assert lines[lines.index(SUBJECT) :][:3] == [SUBJECT, "", "4 new."]
     assert "EPN | Seen on | Principal" in lines
     assert "20001a | SFTP and portal | Zoë Ångström" in lines and "20002b | SFTP | -" in lines
     assert "<" not in text.replace("<b>Bob</b>", "")
 
 
-def test_broken_template_exits_1_with_one_line(facility, tmp_path):
+@pytest.mark.parametrize(
+    "source, where",
+    [
+        ("line one\n{% for x in %}\n", "bad.j2, line 2: "),
+        ("line one\n{{ alert.unknown|length // 0 }}\n", "bad.j2, line 2: cannot render it: integer division"),
+    ],
+)
+def test_broken_template_exits_1_with_one_line(facility, tmp_path, source, where):
     populate(facility)
     folder = tmp_path / "etc"
     folder.mkdir()
-    (folder / "bad.j2").write_text("line one\n{% for x in %}\n")
+    (folder / "bad.j2").write_text(source)
     config = facility.write_config(epnalert_template_folder=str(folder), epnalert_template_text="bad.j2")
     line = error_line(run_epnalert(config))
-    assert "bad.j2, line 2" in line and facility.smtp.messages == []
+    assert where in line and facility.smtp.messages == []
+
+
+# ---------------------------------------------------------------- hostile names
+
+EVE = ('Eve\r\n\r\nepn_cap_map:\r\n    "20001": ev01\r\n', "Mallory", "eve@uni.example.edu")
+MAL = ("Mal\u2028lory\x1b[2J", "\u202eO'Neil", "mal@uni.example.edu")
+
+
+@pytest.mark.parametrize("templates", ["built-in", "HPC ASSyncy's"])
+def test_control_characters_in_portal_names_stay_on_their_line(facility, templates):
+    now = datetime.now(UTC)
+    facility.add_experiment(
+        "mx", "20001a", equipment_id=23, start=now - timedelta(days=3), end=now - timedelta(days=2),
+        principal=EVE, data_scientists=[ZOE, MAL], frames=1, small_files=0,
+    )
+    ok(run_epnalert(facility.write_config() if templates == "built-in" else legacy_config(facility)))
+
+    received = facility.smtp.wait_for(1)[0]
+    assert received.message["Subject"] == SUBJECT
+    text, html = bodies(received)
+    shown_html = BeautifulSoup(html, "html.parser").get_text()
+    for part in (text, html, shown_html):
+        # No line break but the template's own LF (str.splitlines() knows all these), no terminal escape, no bidi override.
+        assert not any(character in part for character in "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\x1b\u202e")
+        assert "Zoë" in part and "Ångström" in part  # letters kept (the old table puts them in columns)
+        # The crafted lines are still there to see, escaped, on the line of the name they came with.
+        assert 'Eve\\r\\n\\r\\nepn_cap_map:\\r\\n    "20001": ev01' in part.replace("&#34;", '"')
+        assert "Mal\\u2028lory\\x1b[2J" in part and "\\u202eO" in part
+    assert not [line for line in text.splitlines() if line.lstrip().startswith(("epn_cap_map", '"20001"'))]
+
+
+def test_dry_run_into_head_exits_quietly(facility):
+    populate(facility)
+    now = datetime.now(UTC)
+    for number in range(50000, 50600):  # an email far bigger than a pipe's buffer
+        facility.portal.add_visit(23, f"{number}a", now - timedelta(days=2), now - timedelta(days=1))
+    config = facility.write_config()
+    # Buffered output, as from cron or a shell (with PYTHONUNBUFFERED a cut-off write just ends the process quietly).
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    epnalert = subprocess.Popen(
+        [str(EPNALERT), "--config", str(config), "--dry-run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment,
+    )
+    head = subprocess.Popen(["head", "-3"], stdin=epnalert.stdout, stdout=subprocess.PIPE)
+    epnalert.stdout.close()  # as in a shell pipeline, head alone now reads the pipe
+    shown = head.communicate(timeout=120)[0].decode()
+    stderr = epnalert.stderr.read().decode()
+    epnalert.wait(timeout=120)
+    assert shown.startswith("# epnalert --dry-run: this email would be sent") and len(shown.splitlines()) == 3
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr
+    assert facility.smtp.messages == [] and not state_file(facility).exists()
 
 
 # ---------------------------------------------------------------- secrets and the command line

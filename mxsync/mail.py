@@ -26,14 +26,20 @@ def build_message(subject, sender, recipients, text, html=None):
 
 def send_message(smtp, message, recipients):
     """Given SmtpSettings, a message and its recipients, send it; return the server's answer to the data."""
-    with _reported(smtp, "cannot send email", "refused the email"), _session(smtp) as (server, _):
+    with (
+        _reported(smtp, "cannot send email", "refused the email"),
+        _session(smtp) as (server, _),
+    ):
         code, answer = _send(server, message, recipients)
     return f"{code} {_text(answer)}"
 
 
 def check_smtp(smtp):
     """Connect, greet, secure and log in exactly as a send does, sending nothing; return the greeting."""
-    with _reported(smtp, "cannot connect", "answered"), _session(smtp) as (_, (code, answer)):
+    with (
+        _reported(smtp, "cannot connect", "answered"),
+        _session(smtp) as (_, (code, answer)),
+    ):
         pass
     return f"{code} {_text(answer).splitlines()[0] if answer else ''}"
 
@@ -44,7 +50,9 @@ def _session(smtp):
     # One verifying context for SSL and STARTTLS alike: the system's trust store, or SSL_CERT_FILE/SSL_CERT_DIR.
     context = ssl.create_default_context()
     if smtp.security == "ssl":
-        server = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout, context=context)
+        server = smtplib.SMTP_SSL(
+            smtp.host, smtp.port, timeout=smtp.timeout, context=context
+        )
     else:
         server = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
     with server:
@@ -69,11 +77,17 @@ def _reported(smtp, doing, refusal):
             "to this machine's trust store, or point SSL_CERT_FILE at it"
         ) from None
     except smtplib.SMTPAuthenticationError as error:
-        raise MailError(f"{where} refused the login ({error.smtp_code}); check epnalert-email-smtp-username/-password") from None
+        raise MailError(
+            f"{where} refused the login ({error.smtp_code}); check epnalert-email-smtp-username/-password"
+        ) from None
     except smtplib.SMTPResponseException as error:
-        raise MailError(f"{where} {refusal}: {error.smtp_code} {_text(error.smtp_error)}") from None
+        raise MailError(
+            f"{where} {refusal}: {error.smtp_code} {_text(error.smtp_error)}"
+        ) from None
     except smtplib.SMTPRecipientsRefused as error:
-        raise MailError(f"{where} refused the recipients {', '.join(error.recipients)}") from None
+        raise MailError(
+            f"{where} refused the recipients {', '.join(error.recipients)}"
+        ) from None
     except (smtplib.SMTPException, OSError) as error:
         raise MailError(f"{where}: {doing}: {error or type(error).__name__}") from None
 
@@ -81,7 +95,9 @@ def _reported(smtp, doing, refusal):
 def _send(server, message, recipients):
     """Run MAIL, RCPT and DATA ourselves so that the server's final answer can be logged."""
     payload = message.as_bytes(policy=SMTP_POLICY)
-    options = ["SMTPUTF8"] if server.has_extn("smtputf8") and not payload.isascii() else []
+    options = (
+        ["SMTPUTF8"] if server.has_extn("smtputf8") and not payload.isascii() else []
+    )
     code, answer = server.mail(message["From"], options)
     if code != 250:
         raise smtplib.SMTPSenderRefused(code, answer, message["From"])
@@ -90,7 +106,9 @@ def _send(server, message, recipients):
         code, answer = server.rcpt(recipient)
         accepted += code in (250, 251)
     if not accepted:
-        raise smtplib.SMTPRecipientsRefused({recipient: (code, answer) for recipient in recipients})
+        raise smtplib.SMTPRecipientsRefused(
+            {recipient: (code, answer) for recipient in recipients}
+        )
     code, answer = server.data(payload)
     if code != 250:
         raise smtplib.SMTPDataError(code, answer)
@@ -98,4 +116,6 @@ def _send(server, message, recipients):
 
 
 def _text(answer):
-    return answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
+    return (
+        answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
+    )

@@ -31,7 +31,7 @@ def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smtp.facility.test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now().astimezone()
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -42,7 +42,10 @@ def certificate(tmp_path_factory):
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("smtp.facility.test")]
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.DNSName("smtp.facility.test"),
+                ]
             ),
             critical=False,
         )
@@ -53,7 +56,9 @@ def certificate(tmp_path_factory):
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
         key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
     )
     return cert_file, key_file
@@ -70,7 +75,9 @@ def tls_sink(request, certificate):
     """Return (security, running sink) for implicit TLS and for STARTTLS."""
     security = request.param
     context = server_context(certificate)
-    options = {"ssl_context": context} if security == "ssl" else {"tls_context": context}
+    options = (
+        {"ssl_context": context} if security == "ssl" else {"tls_context": context}
+    )
     with SmtpSink(require_auth=("mailer", "s3cret-pw"), **options) as sink:
         yield security, sink
 
@@ -80,10 +87,14 @@ def settings(sink, security):
 
 
 def message():
-    return build_message("Test", "mxsync@hpc.example.org", ["staff@hpc.example.org"], "Zoë Ångström\n")
+    return build_message(
+        "Test", "mxsync@hpc.example.org", ["staff@hpc.example.org"], "Zoë Ångström\n"
+    )
 
 
-def test_untrusted_certificate_fails_the_check_and_the_send_alike(tls_sink, monkeypatch):
+def test_untrusted_certificate_fails_the_check_and_the_send_alike(
+    tls_sink, monkeypatch
+):
     security, sink = tls_sink
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
@@ -93,12 +104,17 @@ def test_untrusted_certificate_fails_the_check_and_the_send_alike(tls_sink, monk
     with pytest.raises(MailError) as sent:
         send_message(smtp, message(), ["staff@hpc.example.org"])
     for error in (checked.value, sent.value):
-        assert f"SMTP server 127.0.0.1:{sink.port}: its certificate is not trusted" in str(error)
+        assert (
+            f"SMTP server 127.0.0.1:{sink.port}: its certificate is not trusted"
+            in str(error)
+        )
         assert "SSL_CERT_FILE" in str(error) and "\n" not in str(error)
     assert sink.messages == []
 
 
-def test_trusted_certificate_passes_the_check_and_the_send(tls_sink, certificate, monkeypatch):
+def test_trusted_certificate_passes_the_check_and_the_send(
+    tls_sink, certificate, monkeypatch
+):
     security, sink = tls_sink
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     smtp = settings(sink, security)
@@ -106,12 +122,17 @@ def test_trusted_certificate_passes_the_check_and_the_send(tls_sink, certificate
     assert sink.messages == []  # the check sends nothing
     assert send_message(smtp, message(), ["staff@hpc.example.org"]).startswith("250 ")
     [received] = sink.wait_for(1)
-    assert received.login == "mailer" and received.message.get_content() == "Zoë Ångström\n"
+    assert (
+        received.login == "mailer"
+        and received.message.get_content() == "Zoë Ångström\n"
+    )
 
 
 def test_check_logs_in_as_a_send_does(certificate, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
-    with SmtpSink(require_auth=("mailer", "s3cret-pw"), tls_context=server_context(certificate)) as sink:
+    with SmtpSink(
+        require_auth=("mailer", "s3cret-pw"), tls_context=server_context(certificate)
+    ) as sink:
         wrong = SmtpSettings(sink.host, sink.port, "starttls", "mailer", "wrong", 10.0)
         with pytest.raises(MailError, match="refused the login"):
             check_smtp(wrong)
@@ -128,16 +149,28 @@ def smtp_line(result):
 
 
 @pytest.mark.parametrize("security", ["ssl", "starttls"])
-def test_check_connect_refuses_an_untrusted_smtp_certificate(facility, certificate, security):
+def test_check_connect_refuses_an_untrusted_smtp_certificate(
+    facility, certificate, security
+):
     context = server_context(certificate)
-    options = {"ssl_context": context} if security == "ssl" else {"tls_context": context}
+    options = (
+        {"ssl_context": context} if security == "ssl" else {"tls_context": context}
+    )
     with SmtpSink(**options) as sink:
         config = facility.write_config(
-            epnalert_email_smtp=f"{sink.host}:{sink.port}", epnalert_email_smtp_security=security
+            epnalert_email_smtp=f"{sink.host}:{sink.port}",
+            epnalert_email_smtp_security=security,
         )
         command = [str(MXSYNC), "check", "--config", str(config), "--connect"]
         environment = {"PATH": "/usr/bin:/bin", "HOME": str(facility.workdir)}
-        untrusted = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment, check=False)
+        untrusted = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environment,
+            check=False,
+        )
         trusted = subprocess.run(
             command,
             capture_output=True,

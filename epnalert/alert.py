@@ -5,15 +5,20 @@ epn_cap_map. The state file remembers the EPNs of the last alert sent, so that t
 mark what is new; it changes only after a successful send, never in a dry run.
 """
 
+from __future__ import annotations
+
 import logging
 import socket
+import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
-from typing import Optional, Tuple
 
 from mxsync.errors import MailError, MxsyncError, StateFileError
 from mxsync.logsetup import FILE_ONLY
 from mxsync.names import epn_number
+
+# datetime.UTC is Python 3.11+; mxsync supports 3.9.
+UTC = timezone.utc  # noqa: UP017
 
 logger = logging.getLogger("epnalert")
 email_logger = logging.getLogger("epnalert.email")
@@ -38,11 +43,13 @@ class UnknownEpn:
     """An EPN nobody has claimed, with where it was seen and its visits (earliest first)."""
 
     epn: str
-    sftp_paths: Tuple[str, ...] = ()
+    sftp_paths: tuple[str, ...] = ()
     visits: tuple = ()  # mxsync.portal.Visit
-    beamlines: Tuple[str, ...] = ()
+    beamlines: tuple[str, ...] = ()
     new: bool = True
-    first_alerted: Optional[datetime] = None  # when an earlier alert first listed it; None if new
+    first_alerted: datetime | None = (
+        None  # when an earlier alert first listed it; None if new
+    )
 
     @property
     def number(self):
@@ -58,7 +65,11 @@ class UnknownEpn:
 
     @property
     def seen_on(self):
-        return {(True, True): "SFTP and portal", (True, False): "SFTP", (False, True): "portal"}[self.on_sftp, self.on_portal]
+        return {
+            (True, True): "SFTP and portal",
+            (True, False): "SFTP",
+            (False, True): "portal",
+        }[self.on_sftp, self.on_portal]
 
     @property
     def visit(self):
@@ -73,10 +84,10 @@ class Alert:
     unknown: list  # UnknownEpn, new ones first
     suspicious: list = field(default_factory=list)  # mxsync.portal.Suspicious
     failed_sources: list = field(default_factory=list)  # epnalert.sources.SourceFailure
-    generated_at: Optional[datetime] = None
-    window_start: Optional[datetime] = None
-    window_end: Optional[datetime] = None
-    previous_sent_at: Optional[datetime] = None
+    generated_at: datetime | None = None
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    previous_sent_at: datetime | None = None
     config_path: str = ""
     hostname: str = ""
 
@@ -100,7 +111,7 @@ class Alert:
 
 def epn_sort_key(epn):
     number = epn_number(epn)
-    return int(number), epn[len(number):]
+    return int(number), epn[len(number) :]
 
 
 def find_unknown(sftp_folders, visits, cap_map, beamline_of_path=None):
@@ -119,10 +130,15 @@ def find_unknown(sftp_folders, visits, cap_map, beamline_of_path=None):
             continue
         own_visits = sorted(
             visits_of.get(epn, ()),
-            key=lambda visit: (visit.start is None, visit.start or datetime.min.replace(tzinfo=timezone.utc)),
+            key=lambda visit: (
+                visit.start is None,
+                visit.start or datetime.min.replace(tzinfo=UTC),
+            ),
         )
         paths = tuple(sftp_folders.get(epn, ()))
-        beamlines = [visit.beamline for visit in own_visits] + [beamline_of_path.get(path) for path in paths]
+        beamlines = [visit.beamline for visit in own_visits] + [
+            beamline_of_path.get(path) for path in paths
+        ]
         unknown.append(
             UnknownEpn(
                 epn=epn,
@@ -137,7 +153,12 @@ def find_unknown(sftp_folders, visits, cap_map, beamline_of_path=None):
 def mark_new(unknown, previous_epns):
     """Given unknown EPNs and {EPN: first alerted} of the previous alert, return them marked, new ones first."""
     marked = [
-        replace(item, new=item.epn not in previous_epns, first_alerted=previous_epns.get(item.epn)) for item in unknown
+        replace(
+            item,
+            new=item.epn not in previous_epns,
+            first_alerted=previous_epns.get(item.epn),
+        )
+        for item in unknown
     ]
     return sorted(marked, key=lambda item: (not item.new, epn_sort_key(item.epn)))
 
@@ -151,13 +172,19 @@ def decide(alert, last_sent, now, only_new=False, repeat_days=0.0):
     if last_sent is None:
         return True, "no alert sent before"
     if only_new:
-        return False, f"nothing new since the alert of {last_sent.isoformat(timespec='minutes')} (epnalert-only-new)"
+        return (
+            False,
+            f"nothing new since the alert of {last_sent.isoformat(timespec='minutes')} (epnalert-only-new)",
+        )
     if repeat_days <= 0:
         return True, "unchanged, repeated every run (epnalert-repeat-days 0)"
     period = timedelta(days=repeat_days)
     due = last_sent + period - min(REPEAT_SLACK, period / 10)
     if now >= due:
-        return True, f"unchanged, repeated after {repeat_days:g} days (epnalert-repeat-days)"
+        return (
+            True,
+            f"unchanged, repeated after {repeat_days:g} days (epnalert-repeat-days)",
+        )
     return False, (
         f"nothing new since the alert of {last_sent.isoformat(timespec='minutes')}; "
         f"repeated after {repeat_days:g} days (epnalert-repeat-days)"
@@ -171,7 +198,7 @@ def decide(alert, last_sent, now, only_new=False, repeat_days=0.0):
 class Previous:
     """What the state file says about the last alert sent."""
 
-    sent_at: Optional[datetime] = None
+    sent_at: datetime | None = None
     epns: dict = field(default_factory=dict)  # EPN -> first alerted (aware datetime)
 
 
@@ -190,7 +217,10 @@ class AlertHistory:
             return Previous()
         try:
             sent_at = _parse_time(data["last_sent"]) if data.get("last_sent") else None
-            epns = {str(epn): _parse_time(entry["first_alerted"]) for epn, entry in data.get("epns", {}).items()}
+            epns = {
+                str(epn): _parse_time(entry["first_alerted"])
+                for epn, entry in data.get("epns", {}).items()
+            }
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise StateFileError(
                 f"{self.path}: the epnalert state is not in the expected form ({type(error).__name__}: {error}); "
@@ -202,10 +232,18 @@ class AlertHistory:
         """Remember the alert just sent; with keep_unseen (a source failed) EPNs not seen this time stay remembered."""
         epns = {}
         if keep_unseen:
-            epns.update({epn: {"first_alerted": first.isoformat()} for epn, first in previous.epns.items()})
+            epns.update(
+                {
+                    epn: {"first_alerted": first.isoformat()}
+                    for epn, first in previous.epns.items()
+                }
+            )
         for item in alert.unknown:
             first = item.first_alerted or sent_at
-            epns[item.epn] = {"first_alerted": first.isoformat(), "last_alerted": sent_at.isoformat()}
+            epns[item.epn] = {
+                "first_alerted": first.isoformat(),
+                "last_alerted": sent_at.isoformat(),
+            }
         self._store.save(
             {
                 "version": STATE_VERSION,
@@ -219,7 +257,7 @@ class AlertHistory:
 def _parse_time(text):
     """Return a stored time in the local time zone, as the email shows it (naive means UTC)."""
     moment = datetime.fromisoformat(text)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).astimezone()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone()
 
 
 # ---------------------------------------------------------------- the run
@@ -229,25 +267,44 @@ def run_alert(config, dry_run=False, now=None):
     """Gather, decide, render and send (or print, in a dry run); return the exit code."""
     from epnalert.sources import gather
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     history = AlertHistory(config.state_dir / STATE_FILE_NAME)
     try:
         previous, state_problem = history.load(), None
     except StateFileError as error:
         # The alert matters more than its bookkeeping: send it with everything marked new, keep the file, fail after.
         previous, state_problem = Previous(), error
-        logger.error("%s; alerting with every EPN marked new, the file is left as it is", error, extra=FILE_ONLY)
+        logger.error(
+            "%s; alerting with every EPN marked new, the file is left as it is",
+            error,
+            extra=FILE_ONLY,
+        )
 
     alert = build_alert(config, gather(config, now), previous, now)
-    send, reason = decide(alert, previous.sent_at, now, config.epnalert_only_new, config.epnalert_repeat_days)
+    send, reason = decide(
+        alert,
+        previous.sent_at,
+        now,
+        config.epnalert_only_new,
+        config.epnalert_repeat_days,
+    )
     logger.info(
         "%d unknown EPNs (%d new), %d suspicious names, %d failed sources: %s",
-        len(alert.unknown), len(alert.new), len(alert.suspicious), len(alert.failed_sources),
+        len(alert.unknown),
+        len(alert.new),
+        len(alert.suspicious),
+        len(alert.failed_sources),
         ("sending the alert" if send else "no email") + f" ({reason})",
     )
     # Suspicious names always reach the log; as warnings (so cron mails them) only when no alert carries them.
     for record in alert.suspicious:
-        logger.log(logging.INFO if send else logging.WARNING, "Suspicious name from %s: %s (%s)", record.source, record.name, record.reason)
+        logger.log(
+            logging.INFO if send else logging.WARNING,
+            "Suspicious name from %s: %s (%s)",
+            record.source,
+            record.name,
+            record.reason,
+        )
 
     if dry_run:
         _print_dry_run(config, alert, send, reason)
@@ -255,9 +312,17 @@ def run_alert(config, dry_run=False, now=None):
         _send(config, alert)
         if state_problem is None:
             try:
-                history.record(alert, previous, now, config.email_to, keep_unseen=bool(alert.failed_sources))
+                history.record(
+                    alert,
+                    previous,
+                    now,
+                    config.email_to,
+                    keep_unseen=bool(alert.failed_sources),
+                )
             except OSError as error:
-                raise StateFileError(f"the alert was sent, but {history.path} could not be updated: {error}") from None
+                raise StateFileError(
+                    f"the alert was sent, but {history.path} could not be updated: {error}"
+                ) from None
     if state_problem is not None:
         raise state_problem
     return 0
@@ -271,11 +336,17 @@ def build_alert(config, gathered, previous, now):
         for failure in gathered.failures:
             logger.error("%s", failure, extra=FILE_ONLY)
         reasons = "; ".join(_one_line(str(failure)) for failure in gathered.failures)
-        raise NothingToAlertOnError(f"both SFTP and the portal failed, no alert sent: {reasons}")
+        raise NothingToAlertOnError(
+            f"both SFTP and the portal failed, no alert sent: {reasons}"
+        )
     for failure in gathered.failures:
         logger.warning("Source failed, the alert will say so: %s", failure)
-    beamline_of_path = {equipment.source_path: equipment.beamline for equipment in config.equipment}
-    unknown = find_unknown(gathered.sftp_folders, gathered.visits, config.epn_cap_map, beamline_of_path)
+    beamline_of_path = {
+        equipment.source_path: equipment.beamline for equipment in config.equipment
+    }
+    unknown = find_unknown(
+        gathered.sftp_folders, gathered.visits, config.epn_cap_map, beamline_of_path
+    )
     return Alert(
         unknown=mark_new(unknown, previous.epns),
         suspicious=list(gathered.suspicious),
@@ -291,11 +362,18 @@ def build_alert(config, gathered, previous, now):
 
 def _print_dry_run(config, alert, send, reason):
     if not alert.unknown:
-        print("# epnalert --dry-run: no unknown EPNs, so no email would be sent.")
-        return
-    verdict = f"would be sent to {', '.join(config.email_to)}" if send else "would NOT be sent"
-    print(f"# epnalert --dry-run: this email {verdict} ({reason}); nothing sent, no state changed.")
-    print(describe_message(compose(config, alert)))
+        output = "# epnalert --dry-run: no unknown EPNs, so no email would be sent.\n"
+    else:
+        verdict = (
+            f"would be sent to {', '.join(config.email_to)}"
+            if send
+            else "would NOT be sent"
+        )
+        output = f"# epnalert --dry-run: this email {verdict} ({reason}); nothing sent, no state changed.\n"
+        output += describe_message(compose(config, alert)) + "\n"
+    sys.stdout.write(output)
+    # Flushed here, not at exit: a reader that went away (`| head`) must show up while errors are still handled.
+    sys.stdout.flush()
 
 
 def _send(config, alert):
@@ -305,11 +383,16 @@ def _send(config, alert):
     try:
         answer = send_message(config.smtp, message, config.email_to)
     except MailError as error:
-        logger.error("Alert about %s not sent: %s", _epn_list(alert), error, extra=FILE_ONLY)
+        logger.error(
+            "Alert about %s not sent: %s", _epn_list(alert), error, extra=FILE_ONLY
+        )
         raise
     email_logger.info(
         "Sent to %s, subject %r, EPNs %s; SMTP answer: %s",
-        ", ".join(config.email_to), SUBJECT, _epn_list(alert), _one_line(answer),
+        ", ".join(config.email_to),
+        SUBJECT,
+        _epn_list(alert),
+        _one_line(answer),
     )
 
 
@@ -333,12 +416,18 @@ def describe_message(message):
     for part in message.walk():
         if part.is_multipart():
             continue
-        lines += ["", f"----- {part.get_content_type()} -----", part.get_content().rstrip("\n")]
+        lines += [
+            "",
+            f"----- {part.get_content_type()} -----",
+            part.get_content().rstrip("\n"),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _epn_list(alert):
-    return ", ".join(item.epn + (" (new)" if item.new else "") for item in alert.unknown)
+    return ", ".join(
+        item.epn + (" (new)" if item.new else "") for item in alert.unknown
+    )
 
 
 def _one_line(text):

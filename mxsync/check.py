@@ -4,6 +4,7 @@ import logging
 import sys
 
 from mxsync.config import load_config
+from mxsync.environment import protected_home_problem
 from mxsync.errors import MxsyncError
 
 logger = logging.getLogger("mxsync.check")
@@ -15,6 +16,9 @@ def run_check(config_path, connect=False):
     for warning in config.warnings:
         print(f"warning {warning}", file=sys.stderr)
     print(f"ok      config {config.path}: {len(config.equipment)} equipment, {len(config.epn_cap_map)} mapped EPN numbers")
+    problem = protected_home_problem()
+    if problem:
+        print(f"warning {problem}")
     if not connect:
         return 0
     failures = 0
@@ -31,6 +35,7 @@ def run_check(config_path, connect=False):
 
 def _probes(config):
     """Yield (name, callable) for every check; each callable returns a detail or raises MxsyncError."""
+    from epnalert.render import check_templates
     from mxsync import destination, mail, rsync, state
     from mxsync.portal import PortalClient
     from mxsync.sftp import SftpClient
@@ -39,9 +44,7 @@ def _probes(config):
     for key, path in (("key-file", config.key_file), ("known-hosts", config.known_hosts)):
         if path is not None:
             yield key, lambda path=path, key=key: _readable(key, path)
-    for name in (config.template_text, config.template_html):
-        if name is not None:
-            yield f"template {name}", lambda name=name: _readable("epnalert-template-folder", config.template_folder / name)
+    yield "epnalert templates", lambda: check_templates(config)
     yield "state directory", lambda: _writable_folder(config.state_dir)
     if config.ignore_file.parent != config.state_dir:
         yield "ignore file folder", lambda: _writable_folder(config.ignore_file.parent)
@@ -50,7 +53,7 @@ def _probes(config):
         if path is not None:
             yield f"log file {key}", lambda path=path: _appendable(path)
     yield "destination", lambda: destination.check_destination_root(config) or str(config.destination_root)
-    for project in sorted(set(config.epn_cap_map.values())):
+    for project in sorted({project for project in config.epn_cap_map.values() if project}):
         yield f"project folder {project}", lambda project=project: _writable_folder(config.destination_root / project, create=False)
 
     def list_sources():
@@ -65,7 +68,7 @@ def _probes(config):
     portal = PortalClient(config)
     for equipment in config.equipment:
         yield f"portal token for equipment {equipment.id}", lambda equipment=equipment: portal.check_token(equipment)
-    yield f"SMTP {config.smtp.host}:{config.smtp.port}", lambda: mail.check_smtp(config.smtp)
+    yield f"SMTP {config.smtp.host}:{config.smtp.port}", lambda: _smtp(config.smtp)
 
 
 def _readable(key, path):
@@ -119,3 +122,15 @@ def _shared_connection(config):
         return f"{len(runner.connection.masters)} master connection(s)"
     finally:
         runner.close()
+
+
+def _smtp(smtp):
+    """Greet the SMTP server as a send does; the check's line names the server once, so drop it from the error."""
+    from mxsync import mail
+
+    try:
+        return mail.check_smtp(smtp)
+    except MxsyncError as error:
+        text = str(error)
+        where = f"SMTP server {smtp.host}:{smtp.port}"
+        raise MxsyncError(text[len(where):].lstrip(": ") if text.startswith(where) else text) from None

@@ -22,6 +22,9 @@ from mxsync.names import epn_number
 logger = logging.getLogger("mxsync.plan")
 
 CURRENT_WINDOW = timedelta(hours=1)
+# Beamtimes last hours to a few days; a visit without a usable end that started longer ago than this is
+# taken to be over rather than holding back every sync.
+LONGEST_VISIT = timedelta(days=7)
 # More than any UTC offset (-12 h to +14 h), so a portal that misreads our times by a zone still answers.
 QUERY_MARGIN = timedelta(days=1)
 
@@ -80,12 +83,13 @@ def fetch_visits(config, portal, now):
 def find_current_start(visits, now):
     """Return the earliest start of the visits in progress (overlapping now to now + 1 h by their own times), or now.
 
-    A visit whose start or end the portal did not give usably cannot set it (it is reported as suspicious,
-    and an unknown end makes its EPN wait).
+    A visit with a usable start but no usable end (reported as suspicious) counts as running if it started
+    within LONGEST_VISIT: nothing that ended after its start is synced until the portal says when it ended.
     """
     running = [
         visit.start for visit in visits
-        if visit.start is not None and visit.end is not None and visit.start <= now + CURRENT_WINDOW and visit.end >= now
+        if visit.start is not None and visit.start <= now + CURRENT_WINDOW
+        and (visit.end >= now if visit.end is not None else visit.start >= now - LONGEST_VISIT)
     ]
     return min([now] + running)
 

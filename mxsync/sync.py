@@ -251,6 +251,7 @@ class SyncCycle:
         if overdue:
             message = f"waiting for data: {reason}, although its visit ended at {ended:%Y-%m-%d %H:%M %Z}"
             logger.warning("%s: %s", transfer.epn, message)
+            self.outcome.failed[transfer.epn] = message  # staff must look: the data may be somewhere else
             if self.execute:
                 self.history.epn_finished(transfer.epn, error=message)
         else:

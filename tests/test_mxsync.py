@@ -153,8 +153,9 @@ def test_unreadable_source_file_is_not_recorded(facility):
 
 def test_missing_or_empty_source_folder_is_waiting_for_data_not_a_failure(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
-    facility.portal.add_visit(23, "12282z", **ENDED)  # booked, but no data on the facility
-    facility.portal.add_visit(23, "12282y", **ENDED)
+    recently = dict(start=NOW - timedelta(hours=8), end=NOW - timedelta(hours=2))
+    facility.portal.add_visit(23, "12282z", **recently)  # booked, but no data on the facility
+    facility.portal.add_visit(23, "12282y", **recently)
     (facility.root / "data" / "mx" / "12282y" / "frames").mkdir(parents=True)  # a folder, but nothing in it yet
     config = facility.write_config()
 
@@ -184,8 +185,8 @@ def test_data_that_never_appeared_long_after_the_visit_alerts_staff(facility):
     mxsync("--config", config, "--execute", "--once")
 
     assert "12282z: waiting for data: no folder at the facility yet, although its visit ended" in sync_log(facility)
-    (message,) = facility.smtp.messages
-    assert "12282z" in message["Subject"]
+    (received,) = facility.smtp.messages
+    assert "12282z" in received.message["Subject"]
 
 
 def test_sigterm_mid_transfer_records_nothing_and_next_pass_completes(facility):

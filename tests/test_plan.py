@@ -67,6 +67,8 @@ def test_current_start_is_decided_on_each_visits_own_times():
     assert find_current_start([ended, far_ahead, no_end], NOW) == NOW
     assert find_current_start([ended, later_today, running, far_ahead], NOW) == running.start
     assert find_current_start([visit("12283d", -2, 0)], NOW) == NOW - timedelta(hours=2)  # ends now: still on
+    recent_no_end = Visit("12282d", NOW - timedelta(days=2), None, 23, "mx", None, ())
+    assert find_current_start([ended, recent_no_end], NOW) == recent_no_end.start  # may still run: holds back
 
 
 def test_a_finished_visit_counts_whichever_query_returned_it(config):

@@ -71,14 +71,14 @@ def _list_sftp(config, gathered):
     try:
         client.connect()
     except SftpError as error:
-        gathered.failures.append(SourceFailure(SFTP, client.where, str(error)))
+        gathered.failures.append(SourceFailure(SFTP, client.where, _without_prefix(error, client)))
         return
     try:
         for path in config.source_paths:
             try:
                 epns, suspicious = client.list_epns(path)
             except SftpError as error:
-                gathered.failures.append(SourceFailure(SFTP, f"{client.where} {path}", str(error)))
+                gathered.failures.append(SourceFailure(SFTP, f"{client.where} {path}", _without_prefix(error, client)))
                 continue
             gathered.sftp_parts_ok += 1
             for epn in epns:
@@ -87,6 +87,12 @@ def _list_sftp(config, gathered):
             logger.info("SFTP %s:%s lists %d EPN folders", client.where, path, len(epns))
     finally:
         client.close()
+
+
+def _without_prefix(error, client):
+    """The SFTP error without its 'SFTP host:port: ' prefix, which the failure's own label already gives."""
+    text, prefix = str(error), f"SFTP {client.where}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
 
 
 def _ask_portal(config, gathered):

@@ -751,6 +751,7 @@ def test_portal_unreachable_and_sftp_down(facility):
     facility.sshd.stop()
     line = error_line(run_epnalert(config))
     assert "cannot connect" in line and "SFTP" in line and "portal" in line
+    assert not re.search(r"SFTP (\S+): SFTP \1", line), line  # the host is named once
 
 
 def test_smtp_refusal_exits_1_and_keeps_state(facility):

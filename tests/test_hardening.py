@@ -320,3 +320,32 @@ def test_symlinks_are_copied_and_those_leaving_the_epn_refused(facility):
     assert "symlink frames/absolute -> /etc/passwd points outside the EPN" in log
     assert "1 symlinks" in log
     assert recorded(config) == {"12282a"}
+
+
+# ---------------------------------------------------------------- check --connect (item 6)
+
+
+def test_check_connect_fails_on_what_a_cycle_or_an_alert_would_trip_over(facility, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "broken.j2").write_text("{% for epn in unknown_epns %}{{ epn }\n")
+    (facility.destination / "ab12").write_text("a file where the project folder should be\n")
+    config = facility.write_config(
+        state_dir=str(blocker / "state"),
+        ignore=str(blocker / "state" / "ignore.yml"),
+        log_files={"sync": str(blocker / "sync.log"), "epnalert": None, "email": None},
+        epn_cap_map={"12282": "ny79", "12283": "ab12"},
+        epnalert_template_folder=str(templates),
+        epnalert_template_text="broken.j2",
+    )
+    result = mxsync("check", "--connect", "--config", config)
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert any(line.startswith("FAILED  state directory") for line in failed), failed
+    assert any(line.startswith("FAILED  log file sync") for line in failed), failed
+    assert any(line.startswith("FAILED  epnalert templates") and "broken.j2" in line for line in failed), failed
+    assert any(line.startswith("FAILED  project folder ab12") for line in failed), failed
+    assert any(line.startswith("ok      project folder ny79") for line in result.stdout.splitlines())
+    assert "Traceback" not in result.stderr

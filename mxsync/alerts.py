@@ -10,6 +10,7 @@ logger = logging.getLogger("mxsync.alerts")
 SOURCE_ADVICE = {
     "portal": "the portal could not be asked for visits; no new EPN can be planned until it answers",
     "ssh": "the facility host refused or did not answer the ssh login; no transfer can start",
+    "local": "rsync or ssh cannot be run on this machine (installed? in PATH?); no transfer can start",
     "config": "config.yml was changed but cannot be used; mxsync goes on with the previous settings until it is fixed",
     "record": "ignore.yml cannot be read; nothing is transferred until it is fixed (mxsync never overwrites it)",
     "destination": "the destination root is unusable; no transfer was started so nothing fills the wrong file system",

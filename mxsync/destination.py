@@ -46,10 +46,12 @@ def epn_destination(config, project, epn):
         raise UnsafeNameError(f"project folder {describe(project)} for {epn} is not a safe folder name")
     root = Path(os.path.realpath(config.destination_root))
     target = root / project / epn / "data"
-    # A symlinked project folder could point anywhere; the resolved path must still be inside the root.
-    resolved = Path(os.path.realpath(target))
-    if resolved != target and root not in resolved.parents:
-        raise UnsafeNameError(f"{target} resolves to {resolved}, outside destination-root-path {root}; refusing to write there")
+    # Folders are written through one component at a time without following links (make_epn_folders), so a
+    # link anywhere below the root, even to another folder inside it, is refused here, before any transfer.
+    for depth in (1, 2, 3):
+        component = root.joinpath(*target.relative_to(root).parts[:depth])
+        if os.path.islink(component):
+            raise UnsafeNameError(f"{component} is a symlink; refusing to write through it (make it a real folder)")
     return target
 
 

@@ -6,10 +6,12 @@ mxsync.itemize.
 """
 
 import logging
+import os
+import shutil
 import time
 
 from mxsync.connection import SharedConnection
-from mxsync.errors import RsyncError, TransferStopped
+from mxsync.errors import ProcessStartError, RsyncError, TransferStopped
 from mxsync.itemize import OUT_FORMAT, TransferResult, record_item
 from mxsync.processes import rsync_failure, ssh_failure, supervisor
 
@@ -90,6 +92,9 @@ class RsyncRunner:
         Raises RsyncError when the host is unreachable, refuses the login or shows an unknown host key.
         Returns None, or why sharing could not start (transfers then use their own connections).
         """
+        for program in ("rsync", "ssh"):
+            if shutil.which(program) is None:
+                raise ProcessStartError(f"cannot run {program}: not found in PATH ({os.environ.get('PATH', '')})")
         if self.config.ssh_connection_sharing and self.connection is None:
             connection = SharedConnection(
                 self.ssh_arguments(), self.config.ssh_target, self.config.max_tasks, self.config.ssh_connect_timeout

@@ -118,12 +118,14 @@ def run_service(config_path, execute, once, verbose=False):
 def wait_for_next_cycle(signals, settings, pause, record_unreadable):
     """Wait out the pause, reloading on SIGHUP; while ignore.yml is unreadable, end as soon as it changes.
 
-    Return False if the service is stopping.
+    Return False if the service is stopping. A reload that changes sync-frequency-hours moves the next cycle.
     """
-    deadline = time.monotonic() + (min(pause, RECORD_RETRY_SECONDS) if record_unreadable else pause)
+    started = time.monotonic()
     watched = _file_state(settings.config.ignore_file)
     while True:
-        remaining = deadline - time.monotonic()
+        if record_unreadable:
+            pause = min(pause, RECORD_RETRY_SECONDS)
+        remaining = started + pause - time.monotonic()
         if remaining <= 0:
             return True
         if signals.wait(min(remaining, RECORD_POLL_SECONDS) if record_unreadable else remaining):
@@ -131,6 +133,7 @@ def wait_for_next_cycle(signals, settings, pause, record_unreadable):
         if signals.reload_requested:
             signals.reload_requested = False
             settings.reload()
+            pause = settings.config.sync_frequency_hours * 3600
         if record_unreadable and _file_state(settings.config.ignore_file) != watched:
             logger.info("%s changed; trying again", settings.config.ignore_file)
             return True

@@ -29,7 +29,7 @@ from mxsync.plan import fetch_visits, make_plan, summarise
 logger = logging.getLogger("mxsync.sync")
 
 # Sources whose failure staff hear about at once: nothing can move until they are fixed.
-IMMEDIATE_ALERTS = ("destination", "record", "config")
+IMMEDIATE_ALERTS = ("destination", "record", "config", "local")
 
 
 @dataclass
@@ -181,8 +181,9 @@ class SyncCycle:
             check()
         except TransferStopped:
             return False
-        except ProcessStartError as error:  # rsync or ssh missing here: ours to fix, not the facility's
+        except ProcessStartError as error:  # rsync or ssh cannot run here: ours to fix, not the facility's
             logger.error("%s%s", error, consequence)
+            self.history.source_result("local", str(error))
             self.outcome.problems.append(str(error))
             return False
         except (DestinationError, RsyncError) as error:
@@ -191,6 +192,8 @@ class SyncCycle:
             self.outcome.problems.append(str(error))
             return False
         self.history.source_result(source)
+        if source == "ssh":
+            self.history.source_result("local")
         return True
 
     def _transfer_all(self, transfers):
@@ -243,7 +246,6 @@ class SyncCycle:
         if state == "present":
             return False
         reason = "no folder at the facility yet" if state == "missing" else "its folder at the facility is empty"
-        self.outcome.waiting[transfer.epn] = reason
         ended = transfer.visit.end
         overdue = ended is not None and datetime.now(timezone.utc) - ended > timedelta(
             hours=self.config.waiting_for_data_alert_hours
@@ -256,6 +258,7 @@ class SyncCycle:
                 self.history.epn_finished(transfer.epn, error=message)
         else:
             logger.info("%s: waiting for data: %s", transfer.epn, reason)
+            self.outcome.waiting[transfer.epn] = reason
             if self.execute:
                 self.history.epn_waiting(transfer.epn, reason)
         return True

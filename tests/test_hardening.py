@@ -186,6 +186,11 @@ def test_sighup_reloads_the_config_and_keeps_running(facility):
         process.send_signal(signal.SIGHUP)
         _wait_for(lambda: "state-dir changed; restart mxsync" in log_file.read_text(), process)
         assert process.poll() is None
+
+        # A shorter sync-frequency-hours moves the next cycle, which is otherwise 24 h away.
+        facility.write_config(log_level="DEBUG", sync_frequency_hours=0.001)
+        process.send_signal(signal.SIGHUP)
+        _wait_for(lambda: log_file.read_text().count("Cycle finished") >= 2, process)
     finally:
         process.terminate()
         process.communicate(timeout=30)
@@ -349,3 +354,35 @@ def test_check_connect_fails_on_what_a_cycle_or_an_alert_would_trip_over(facilit
     assert any(line.startswith("FAILED  project folder ab12") for line in failed), failed
     assert any(line.startswith("ok      project folder ny79") for line in result.stdout.splitlines())
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- local problems are not the facility's
+
+
+def test_rsync_missing_here_is_a_local_problem_alerted_at_once(facility, tmp_path):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    config = facility.write_config()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").symlink_to(subprocess.run(["which", "ssh"], capture_output=True, text=True).stdout.strip())
+    env = dict(os.environ, PATH=str(bin_dir))
+
+    result = mxsync("--config", config, "--execute", "--once", env=env)
+
+    assert result.returncode == 1
+    assert "cannot run rsync: not found in PATH" in sync_log(facility)
+    (alert,) = facility.smtp.wait_for(1, timeout=30)
+    assert "local" in alert.message["Subject"] and "ssh" not in alert.message["Subject"]
+
+
+def test_symlinked_project_folder_is_refused_before_any_transfer(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    (facility.destination / "real-ny79").mkdir()
+    (facility.destination / "ny79").symlink_to(facility.destination / "real-ny79")
+    config = facility.write_config()
+
+    dry = mxsync("--config", config, "--once", "-v")
+    assert "would sync" not in dry.stderr and "is a symlink; refusing" in dry.stderr
+    mxsync("--config", config, "--execute", "--once")
+    assert recorded(config) == set() and list((facility.destination / "real-ny79").iterdir()) == []
+    assert "is a symlink; refusing to write through it" in sync_log(facility)

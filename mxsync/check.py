@@ -99,8 +99,10 @@ def _writable_folder(folder, create=True):
 
 
 def _appendable(path):
+    """Check that the log file can be written without creating it (a check run as root must not own it)."""
+    if not path.exists():
+        return _writable_folder(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a"):
             return str(path)
     except OSError as error:

@@ -7,12 +7,14 @@ mid-cycle, transfers use one connection each and the log says so once.
 
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
 import time
 from contextlib import contextmanager
 
+from mxsync.errors import MxsyncError
 from mxsync.processes import ssh_failure, supervisor
 
 logger = logging.getLogger("mxsync.connection")
@@ -51,11 +53,15 @@ class Master:
         self.control_path = control_path
         self._ssh_arguments = ssh_arguments
         self._stderr = tempfile.TemporaryFile()
-        self.process = supervisor.start(
-            [*ssh_arguments, "-o", "ControlMaster=yes", "-o", f"ControlPath={control_path}",
-             "-o", "ControlPersist=no", "-N", target],
-            "shared ssh connection", stdout=subprocess.DEVNULL, stderr=self._stderr,
-        )
+        try:
+            self.process = supervisor.start(
+                [*ssh_arguments, "-o", "ControlMaster=yes", "-o", f"ControlPath={control_path}",
+                 "-o", "ControlPersist=no", "-N", target],
+                "shared ssh connection", stdout=subprocess.DEVNULL, stderr=self._stderr,
+            )
+        except BaseException:
+            self._stderr.close()
+            raise
         self.sessions = 0
 
     def wait_ready(self, timeout):
@@ -80,8 +86,11 @@ class Master:
         return self._stderr.read().decode("utf-8", "replace").strip().replace("\n", " | ")
 
     def close(self):
-        if self.alive:
-            supervisor.run(self._control("exit"), "closing the shared ssh connection", timeout=10)
+        if self.alive and not supervisor.stopping:
+            try:
+                supervisor.run(self._control("exit"), "closing the shared ssh connection", timeout=10)
+            except MxsyncError:  # a stop began meanwhile: the master is ended below anyway
+                pass
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
@@ -112,13 +121,17 @@ class SharedConnection:
         if self._directory is None:
             return "no temporary directory gives a short enough socket path (TMPDIR, /tmp, /dev/shm)"
         reason = None
-        for index in range(masters_needed(self.max_tasks)):
-            master = Master(self.ssh_arguments, self.target, os.path.join(self._directory, str(index)))
-            reason = master.wait_ready(self.connect_timeout + 5)
-            if reason is not None:
-                master.close()
-                break
-            self.masters.append(master)
+        try:
+            for index in range(masters_needed(self.max_tasks)):
+                master = Master(self.ssh_arguments, self.target, os.path.join(self._directory, str(index)))
+                self.masters.append(master)
+                reason = master.wait_ready(self.connect_timeout + 5)
+                if reason is not None:
+                    self.masters.pop().close()
+                    break
+        except BaseException:  # stopping, or no process could be started: leave nothing behind
+            self.close()
+            raise
         if not self.masters:
             self.close()
             return reason
@@ -157,9 +170,7 @@ class SharedConnection:
             master.close()
         self.masters = []
         if self._directory is not None:
-            for leftover in os.listdir(self._directory):
-                os.unlink(os.path.join(self._directory, leftover))
-            os.rmdir(self._directory)
+            shutil.rmtree(self._directory, ignore_errors=True)  # only stale sockets can be left in it
             self._directory = None
 
     def _warn_once(self, message):

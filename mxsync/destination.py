@@ -40,43 +40,67 @@ def check_destination_root(config):
 
 
 def epn_destination(config, project, epn):
-    """Given a project folder and an EPN, return root/project/epn/data, refusing anything that would leave the root."""
+    """Given a project folder and an EPN, return root/project/epn/data, refusing anything that would leave the root.
+
+    The project folder may be a symlink that resolves inside the root (only whoever manages the root can make
+    one); the EPN folder and data/, which project members can write to, must never be symlinks.
+    """
     check_epn(epn, "the plan")
     if not is_project(project):
         raise UnsafeNameError(f"project folder {describe(project)} for {epn} is not a safe folder name")
     root = Path(os.path.realpath(config.destination_root))
-    target = root / project / epn / "data"
-    # Folders are written through one component at a time without following links (make_epn_folders), so a
-    # link anywhere below the root, even to another folder inside it, is refused here, before any transfer.
-    for depth in (1, 2, 3):
-        component = root.joinpath(*target.relative_to(root).parts[:depth])
+    _project_folder(root, project)
+    for component in (root / project / epn, root / project / epn / "data"):
         if os.path.islink(component):
             raise UnsafeNameError(f"{component} is a symlink; refusing to write through it (make it a real folder)")
-    return target
+    return root / project / epn / "data"
+
+
+def _project_folder(root, project):
+    """Return the project folder's real path, refusing a symlink that leads outside the root."""
+    target = root / project
+    resolved = Path(os.path.realpath(target))
+    if resolved != target and root not in resolved.parents:
+        raise UnsafeNameError(f"{target} resolves to {resolved}, outside destination-root-path {root}; refusing to write there")
+    return resolved
 
 
 def make_epn_folders(config, destination):
-    """Create the folders from the root down to `destination` one at a time, never following a symlink."""
+    """Create root/project/epn/data as needed: the project folder by its real path, the EPN folder and data/
+    one at a time without following a symlink. New folders get FOLDER_MODE whatever the umask."""
     root = Path(os.path.realpath(config.destination_root))
-    parts = Path(destination).relative_to(root).parts
-    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    project, epn, data = Path(destination).relative_to(root).parts
+    project_folder = _project_folder(root, project)
+    root_directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for depth, part in enumerate(parts, 1):
-            try:
-                os.mkdir(part, FOLDER_MODE, dir_fd=directory)
-                created = True
-            except FileExistsError:
-                created = False
-            try:
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
-            except OSError as error:
-                if error.errno in (errno.ELOOP, errno.ENOTDIR):
-                    path = root.joinpath(*parts[:depth])
-                    raise UnsafeNameError(f"{path} is a symlink or not a folder; refusing to write through it") from None
-                raise
-            if created:
-                os.fchmod(child, FOLDER_MODE)  # mkdir's mode is cut by the umask
+        if os.path.islink(root / project):  # made by whoever manages the root, and resolving inside it
+            directory = os.open(project_folder, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            directory = _open_or_make(root_directory, project, root / project)
+    finally:
+        os.close(root_directory)
+    try:
+        for part, path in ((epn, root / project / epn), (data, root / project / epn / data)):
+            child = _open_or_make(directory, part, path)
             os.close(directory)
             directory = child
     finally:
         os.close(directory)
+
+
+def _open_or_make(directory, name, path):
+    """Open folder `name` in `directory` (an fd) without following a symlink, creating it first if missing."""
+    try:
+        os.mkdir(name, FOLDER_MODE, dir_fd=directory)
+        created = True
+    except FileExistsError:
+        created = False
+    try:
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=directory)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeNameError(f"{path} is a symlink or not a folder; refusing to write through it") from None
+        raise
+    if created:
+        os.fchmod(child, FOLDER_MODE)  # mkdir's mode is cut by the umask
+    return child

@@ -48,6 +48,7 @@ class Plan:
     unmapped: List[str] = field(default_factory=list)
     not_ended: List[str] = field(default_factory=list)
     refused: List[str] = field(default_factory=list)
+    refusals: dict = field(default_factory=dict)  # EPN -> why its destination is refused
     suspicious: list = field(default_factory=list)
 
 
@@ -122,8 +123,8 @@ def make_plan(config, current, previous, synced, current_start, suspicious=()):
             try:
                 destination = epn_destination(config, project, epn)
             except UnsafeNameError as error:
-                logger.error("%s", error)
                 plan.refused.append(epn)
+                plan.refusals[epn] = str(error)
                 continue
             source = _source_path(config, visit) + "/" + epn
             plan.transfers.append(PlannedTransfer(epn, project, source, destination, visit))

@@ -149,6 +149,14 @@ class ProcessSupervisor:
         for process in running:
             _signal_group(process, signal.SIGTERM)
 
+    def kill_all(self):
+        """SIGKILL every running child's process group (a second stop request: no more waiting)."""
+        with self._lock:
+            self.stopping = True
+            running = list(self._running)
+        for process in running:
+            _signal_group(process, signal.SIGKILL)
+
     def stop_all(self, grace=STOP_GRACE_SECONDS):
         """Start nothing new; SIGTERM every running child's process group, then SIGKILL what is left after `grace`."""
         with self._lock:
@@ -171,6 +179,8 @@ class ProcessSupervisor:
 
 def _signal_group(process, signal_number):
     # Each child leads its own session: its process group holds it and what it started (rsync's ssh).
+    if process.returncode is not None:  # already reaped: its id may belong to someone else by now
+        return
     try:
         os.killpg(process.pid, signal_number)
     except (ProcessLookupError, PermissionError):

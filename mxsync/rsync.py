@@ -51,8 +51,12 @@ class RsyncRunner:
 
     # ------------------------------------------------------------ commands
 
-    def ssh_arguments(self, session_options=()):
-        """Return the ssh argument list rsync runs as its remote shell."""
+    def ssh_arguments(self, session_options=None):
+        """Return the ssh argument list rsync runs as its remote shell.
+
+        `session_options` reuse a shared connection; None means a connection of its own, which a user's
+        ssh_config must not turn into a background master that mxsync does not know about.
+        """
         config = self.config
         arguments = ["ssh", "-p", str(config.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
         if config.known_hosts is not None:
@@ -64,9 +68,11 @@ class RsyncRunner:
             arguments += ["-o", f"ServerAliveInterval={config.ssh_keepalive_interval}", "-o", "ServerAliveCountMax=3"]
         if config.ssh_cipher:
             arguments += ["-c", config.ssh_cipher]
+        if session_options is None:
+            return arguments + ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         return arguments + list(session_options)
 
-    def rsync_arguments(self, source, destination, dry_run=None, session_options=()):
+    def rsync_arguments(self, source, destination, dry_run=None, session_options=None):
         """Given a remote source directory and a local destination, return the rsync argument list."""
         dry_run = self.dry_run if dry_run is None else dry_run
         arguments = ["rsync", *BASE_OPTIONS]
@@ -97,7 +103,7 @@ class RsyncRunner:
                 raise ProcessStartError(f"cannot run {program}: not found in PATH ({os.environ.get('PATH', '')})")
         if self.config.ssh_connection_sharing and self.connection is None:
             connection = SharedConnection(
-                self.ssh_arguments(), self.config.ssh_target, self.config.max_tasks, self.config.ssh_connect_timeout
+                self.ssh_arguments(session_options=()), self.config.ssh_target, self.config.max_tasks, self.config.ssh_connect_timeout
             )
             reason = connection.open()
             if reason is None:
@@ -155,10 +161,22 @@ class RsyncRunner:
         if found:
             return "present"
         if finished.returncode == 23 and any(MISSING_SOURCE in line for line in finished.stderr_tail):
+            self._check_source_root(source)
             return "missing"
         if finished.returncode != 0:
             raise rsync_failure(f"looking for {source}", finished)
         return "empty"
+
+    def _check_source_root(self, source):
+        """Raise RsyncError if the folder holding the EPN folders is itself missing: the facility's problem."""
+        parent = source.rstrip("/").rpartition("/")[0] or "/"
+        finished = self._run_rsync(
+            lambda options: ["rsync", "--list-only", "--rsh", rsh_string(self.ssh_arguments(options)),
+                             f"{self.config.ssh_target}:{parent}/."],
+            f"listing {parent}", lambda _line: True,  # one entry is proof enough
+        )
+        if finished.returncode != 0 and not finished.cut_short:
+            raise rsync_failure(f"the facility's folder {parent}, which should hold the EPN folders", finished)
 
     def transfer(self, epn, source, destination, progress=None, dry_run=None):
         """Run one rsync of source/ into destination/; return a TransferResult or raise RsyncError/TransferStopped.
@@ -189,13 +207,14 @@ class RsyncRunner:
         """Run the command build(session options) gives; over the shared connection first, then alone if it failed."""
         if self.connection is not None:
             with self.connection.session() as options:
+                options = options or None  # no free master: a connection of its own
                 finished = supervisor.stream(build(options), what, on_line, what)
             if finished.stopped and finished.returncode != 0:
                 raise TransferStopped(f"{what}: stopped")
             if finished.returncode != 255 or finished.cut_short or not options:
                 return finished
             self.connection.failed_session(what, finished)
-        finished = supervisor.stream(build([]), what, on_line, what)
+        finished = supervisor.stream(build(None), what, on_line, what)
         if finished.stopped and finished.returncode != 0:
             raise TransferStopped(f"{what}: stopped")
         return finished

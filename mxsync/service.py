@@ -8,6 +8,7 @@ every exit path, expected or not, the processes mxsync started are stopped with 
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,6 +19,7 @@ from mxsync.cli_support import apply_logging, load_and_log
 from mxsync.config import load_config
 from mxsync.errors import ConfigError
 from mxsync.history import LOCK_FILE_NAME, History
+from mxsync.logsetup import setup_logging
 from mxsync.notify import SystemdNotifier
 from mxsync.portal import PortalClient
 from mxsync.processes import supervisor
@@ -37,31 +39,47 @@ RESTART_KEYS = {"state_dir": "state-dir"}
 
 
 class Signals:
-    """Turns SIGTERM/SIGINT into a stop (stopping every child at once) and SIGHUP into a reload request."""
+    """Turns SIGTERM/SIGINT into a stop (stopping every child at once) and SIGHUP into a reload request.
+
+    The handlers only write the signal's number to a pipe: a thread of its own reads it and acts, so nothing
+    that takes a lock (logging, events) runs inside a handler, which may interrupt the main thread holding it.
+    """
 
     def __init__(self):
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = False
         self.stop_reason = None
+        self._read_end, self._write_end = os.pipe()
+        os.set_blocking(self._write_end, False)
 
     def install(self):
-        for signal_number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signal_number, self._stop)
-        signal.signal(signal.SIGHUP, self._reload)
+        threading.Thread(target=self._act, name="signals", daemon=True).start()
+        for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signal_number, self._handle)
 
-    def _stop(self, signal_number, _frame):
-        name = signal.Signals(signal_number).name
-        logger.warning("Received %s: starting nothing new, stopping running transfers", name)
-        self.stop_reason = self.stop_reason or f"{name} received"
-        self.stop.set()
-        self.wake.set()
-        supervisor.terminate_all()
+    def _handle(self, signal_number, _frame):
+        try:
+            os.write(self._write_end, bytes([signal_number]))
+        except OSError:  # the pipe is full of earlier signals: they are acted on anyway
+            pass
 
-    def _reload(self, _signal_number, _frame):
-        logger.info("Received SIGHUP: reloading the configuration")
-        self.reload_requested = True
-        self.wake.set()
+    def _act(self):
+        while True:
+            for signal_number in os.read(self._read_end, 64):
+                if signal_number == signal.SIGHUP:
+                    logger.info("Received SIGHUP: reloading the configuration")
+                    self.reload_requested = True
+                elif self.stop.is_set():
+                    logger.warning("Received %s again: killing the running transfers", signal.Signals(signal_number).name)
+                    supervisor.kill_all()
+                else:
+                    name = signal.Signals(signal_number).name
+                    logger.warning("Received %s: starting nothing new, stopping running transfers", name)
+                    self.stop_reason = f"{name} received"
+                    self.stop.set()
+                    supervisor.terminate_all()
+                self.wake.set()
 
     def wait(self, seconds):
         """Sleep until `seconds` pass, a stop, or a reload request; return True if stopping."""
@@ -110,8 +128,8 @@ def run_service(config_path, execute, once, verbose=False):
         notifier.stopping()
         lock.release()
         logger.info("mxsync stopped: %s", reason)
-    if signals.stop.is_set() and not once:
-        return 0
+    if signals.stop.is_set():
+        return 1 if once else 0  # --once promises 0 only when everything planned was synced
     return 0 if outcome.ok else 1
 
 
@@ -166,17 +184,25 @@ class Settings:
         if changed:
             self._refuse(f"{self.config.path}: {', '.join(changed)} changed; restart mxsync to use it. Keeping the previous settings")
             return
-        try:
-            apply_logging(fresh, "sync", dry_run=not self.execute, verbose=self.verbose)
-        except ConfigError as error:
-            self._refuse(f"{error}; keeping the previous settings")
-            apply_logging(self.config, "sync", dry_run=not self.execute, verbose=self.verbose)
-            return
+        if _logging_settings(fresh) != _logging_settings(self.config):
+            try:
+                apply_logging(fresh, "sync", dry_run=not self.execute, verbose=self.verbose)
+            except ConfigError as error:
+                self._restore_logging()
+                self._refuse(f"{error}; keeping the previous settings")
+                return
         if fresh != self.config:
             logger.info("Configuration reloaded from %s", fresh.path)
             for warning in fresh.warnings:
                 logger.warning("%s", warning)
         self.config, self._problem = fresh, None
+
+    def _restore_logging(self):
+        try:
+            apply_logging(self.config, "sync", dry_run=not self.execute, verbose=self.verbose)
+        except ConfigError as error:  # the old log file is unusable now too: the journal still gets the lines
+            setup_logging(self.config.log_level, secrets=self.config.secrets(), dry_run=not self.execute, verbose=True)
+            logger.error("%s; logging to stderr only until it is fixed", error)
 
     def _refuse(self, message):
         logger.error("%s", message)
@@ -186,6 +212,10 @@ class Settings:
         """Return the last refused reload's message (for the cycle to count and alert), once."""
         problem, self._problem = self._problem, None
         return problem
+
+
+def _logging_settings(config):
+    return (config.log_level, config.log_files, config.log_max_bytes, config.log_backup_count, config.secrets())
 
 
 def run_cycle(config, execute, stop, notifier, config_problem=None):
@@ -237,7 +267,10 @@ class ProgressReporter:
             self.stream.write("\r\033[K")
             self.stream.flush()
         if self.activity_file is not None:
-            self.activity_file.unlink(missing_ok=True)
+            try:
+                self.activity_file.unlink(missing_ok=True)
+            except OSError as error:  # status may show a finished transfer as running; nothing else suffers
+                logger.debug("Cannot remove %s: %s", self.activity_file, error)
 
     def _loop(self):
         while not self._done.wait(PROGRESS_INTERVAL):

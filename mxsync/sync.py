@@ -158,7 +158,7 @@ class SyncCycle:
         for record in plan.suspicious:
             logger.warning("Suspicious record from %s: %s (%s)", record.source, record.name, record.reason)
         for epn in plan.refused:
-            self.outcome.failed[epn] = "refused: unsafe destination"
+            self._failed(epn, f"refused: {plan.refusals.get(epn, 'unsafe destination')}")
         self.outcome.planned = len(plan.transfers)
         return plan
 
@@ -240,7 +240,7 @@ class SyncCycle:
 
     def _waiting_for_data(self, transfer):
         """Return True if the facility has no data for the EPN yet (no folder, or nothing in it): nothing to do."""
-        if os.path.isdir(transfer.destination):
+        if _has_entries(transfer.destination):
             return False  # a transfer began before, so the source had data
         state = self.runner.probe_source(transfer.epn, transfer.source)
         if state == "present":
@@ -333,6 +333,15 @@ class SyncCycle:
         if (epns or sources) and alerts.send_failure_alert(self.config, epns, sources):
             self.history.mark_alerted(epns, sources)
         self.history.cycle_finished(self.outcome.summary())
+
+
+def _has_entries(folder):
+    """True if `folder` exists and holds anything (an empty one may be left by an older version)."""
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
 
 
 def human_bytes(count):

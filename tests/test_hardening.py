@@ -187,6 +187,15 @@ def test_sighup_reloads_the_config_and_keeps_running(facility):
         _wait_for(lambda: "state-dir changed; restart mxsync" in log_file.read_text(), process)
         assert process.poll() is None
 
+        # A log file that cannot be opened is refused at reload; the service goes on logging where it did.
+        blocker = facility.workdir / "a-file"
+        blocker.write_text("")
+        facility.write_config(log_level="DEBUG", sync_frequency_hours=24,
+                              log_files={"sync": str(blocker / "sync.log"), "epnalert": None, "email": None})
+        process.send_signal(signal.SIGHUP)
+        _wait_for(lambda: "cannot open" in log_file.read_text(), process)
+        assert process.poll() is None
+
         # A shorter sync-frequency-hours moves the next cycle, which is otherwise 24 h away.
         facility.write_config(log_level="DEBUG", sync_frequency_hours=0.001)
         process.send_signal(signal.SIGHUP)
@@ -196,6 +205,25 @@ def test_sighup_reloads_the_config_and_keeps_running(facility):
         process.communicate(timeout=30)
     assert process.returncode == 0
     assert "Received SIGHUP: reloading the configuration" in log_file.read_text()
+    assert "mxsync stopped: SIGTERM received" in log_file.read_text()
+
+
+def test_a_burst_of_signals_never_hangs_the_service(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    config = facility.write_config(sync_frequency_hours=24)
+    log_file = facility.workdir / "log" / "sync.log"
+    process = _start(config)
+    try:
+        _wait_for(lambda: log_file.exists() and "Cycle finished" in log_file.read_text(), process)
+        for _ in range(200):
+            process.send_signal(signal.SIGHUP)
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "Traceback" not in err
     assert "mxsync stopped: SIGTERM received" in log_file.read_text()
 
 
@@ -289,6 +317,24 @@ def test_version_and_ssh_messages_name_the_right_cause(facility):
     assert "12282a: FAILED: 12282a" not in log
 
 
+def test_a_missing_source_path_is_the_facilitys_problem_not_waiting_for_data(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    config = facility.write_config(source_path=f"{facility.root}/data/unmounted/{{beamline}}")
+    result = mxsync("--config", config, "--execute", "--once")
+    assert result.returncode == 1
+    log = sync_log(facility)
+    assert "12282a: FAILED" in log and "which should hold the EPN folders" in log and "waiting for data" not in log
+
+
+def test_an_empty_destination_folder_left_by_an_older_version_still_waits_for_data(facility):
+    recently = dict(start=ENDED["start"] + (ENDED["end"] - ENDED["start"]) * 0, end=ENDED["end"])
+    facility.portal.add_visit(23, "12282z", **recently)
+    (facility.destination / "ny79" / "12282z" / "data").mkdir(parents=True)
+    config = facility.write_config(waiting_for_data_alert_hours=24 * 7)
+    mxsync("--config", config, "--execute", "--once", check=0)
+    assert "12282z: waiting for data: no folder at the facility yet" in sync_log(facility)
+
+
 # ---------------------------------------------------------------- folders and symlinks (items 18, 20)
 
 
@@ -375,14 +421,24 @@ def test_rsync_missing_here_is_a_local_problem_alerted_at_once(facility, tmp_pat
     assert "local" in alert.message["Subject"] and "ssh" not in alert.message["Subject"]
 
 
-def test_symlinked_project_folder_is_refused_before_any_transfer(facility):
+def test_symlinked_project_folder_inside_the_root_is_used_but_a_symlinked_epn_folder_refused(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    facility.add_experiment("mx", "12283a", equipment_id=23, **ENDED)
     (facility.destination / "real-ny79").mkdir()
-    (facility.destination / "ny79").symlink_to(facility.destination / "real-ny79")
-    config = facility.write_config()
+    (facility.destination / "ny79").symlink_to(facility.destination / "real-ny79")  # as an admin would
+    (facility.destination / "ab12").mkdir()
+    elsewhere = facility.destination / "other-project"
+    elsewhere.mkdir()
+    (facility.destination / "ab12" / "12283a").symlink_to(elsewhere)  # as a project member could
+    config = facility.write_config(epn_cap_map={"12282": "ny79", "12283": "ab12"}, failure_alert_cycles=1)
 
     dry = mxsync("--config", config, "--once", "-v")
-    assert "would sync" not in dry.stderr and "is a symlink; refusing" in dry.stderr
+    assert "12282a: would sync" in dry.stderr and "12283a: would sync" not in dry.stderr
     mxsync("--config", config, "--execute", "--once")
-    assert recorded(config) == set() and list((facility.destination / "real-ny79").iterdir()) == []
-    assert "is a symlink; refusing to write through it" in sync_log(facility)
+
+    assert recorded(config) == {"12282a"}
+    assert (facility.destination / "real-ny79" / "12282a" / "data" / ".info").is_file()
+    assert list(elsewhere.iterdir()) == []
+    assert "12283a: FAILED: refused:" in sync_log(facility) and "is a symlink" in sync_log(facility)
+    (alert,) = facility.smtp.wait_for(1, timeout=30)  # a refused EPN is a failure staff hear about
+    assert "12283a" in alert.message["Subject"]

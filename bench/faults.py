@@ -57,27 +57,74 @@ ROWS = [
     ("state file system full (ignore.yml, history)", [scenarios.state_disk_full], "runs", True),
     ("SMTP refuses the failure alert", [scenarios.smtp_refusing], "runs", False),
     ("service loop: 6 cycles, a fault in each, SIGTERM", [scenarios.service_under_faults], "fraction", False),
-    ("second mxsync while one runs (test_mxsync)", ["tests.test_mxsync:test_second_instance_refuses_while_the_first_holds_the_lock"], "runs", False),
+    (
+        "second mxsync while one runs (test_mxsync)",
+        ["tests.test_mxsync:test_second_instance_refuses_while_the_first_holds_the_lock"],
+        "runs",
+        False,
+    ),
     ("edits of ignore.yml under its lock during a pass", [scenarios.scripted_hand_edits], "runs", False),
-    ("portal: 500, HTML, timeout, garbage, truncated, 401 loop, hang-up; token endpoint: HTML, 500, garbage",
-     _portal_group(sorted(scenarios.PORTAL_FAULTS), scenarios.portal_fault), "runs", False),
-    ("portal answers: wrong envelope (5 kinds), HTML 200, empty, 100 000-deep nesting, 65 MiB, 404",
-     _portal_group(sorted(scenarios.PORTAL_ANSWERS), scenarios.portal_answer), "runs", False),
+    (
+        "portal: 500, HTML, timeout, garbage, truncated, 401 loop, hang-up; token endpoint: HTML, 500, garbage",
+        _portal_group(sorted(scenarios.PORTAL_FAULTS), scenarios.portal_fault),
+        "runs",
+        False,
+    ),
+    (
+        "portal answers: wrong envelope (5 kinds), HTML 200, empty, 100 000-deep nesting, 65 MiB, 404",
+        _portal_group(sorted(scenarios.PORTAL_ANSWERS), scenarios.portal_answer),
+        "runs",
+        False,
+    ),
     ("portal: visits with missing or wrongly typed fields", [scenarios.malformed_visits], "runs", False),
     ("portal: times without offset or with odd offsets", [scenarios.odd_times], "runs", False),
     ("portal: 30 000 visits in one answer", [scenarios.huge_answer], "fraction", False),
-    (f"hostile EPN names from the portal ({len(scenarios.HOSTILE_EPNS)} at once)", [scenarios.hostile_portal_names], "runs", False),
-    (f"hostile file names ({len(scenarios.HOSTILE_FILES) + 1}) and symlinks in an EPN", [scenarios.hostile_file_names], "runs", False),
-    (f"hostile project folders in epn_cap_map ({len(scenarios.HOSTILE_PROJECTS)} each run)", [scenarios.hostile_projects], "runs", False),
+    (
+        f"hostile EPN names from the portal ({len(scenarios.HOSTILE_EPNS)} at once)",
+        [scenarios.hostile_portal_names],
+        "runs",
+        False,
+    ),
+    (
+        f"hostile file names ({len(scenarios.HOSTILE_FILES) + 1}) and symlinks in an EPN",
+        [scenarios.hostile_file_names],
+        "runs",
+        False,
+    ),
+    (
+        f"hostile project folders in epn_cap_map ({len(scenarios.HOSTILE_PROJECTS)} each run)",
+        [scenarios.hostile_projects],
+        "runs",
+        False,
+    ),
     ("epnalert: hostile SFTP folder names", [scenarios.epnalert_hostile_folders], "runs", False),
     ("epnalert: a folder name that is not UTF-8", [scenarios.epnalert_undecodable_folder], "runs", False),
-    ("epnalert: portal timeout, truncated, 401 loop, hang-up, token HTML",
-     _portal_group(sorted(scenarios.EPNALERT_PORTAL_FAULTS), scenarios.epnalert_portal_fault), "runs", False),
+    (
+        "epnalert: portal timeout, truncated, 401 loop, hang-up, token HTML",
+        _portal_group(sorted(scenarios.EPNALERT_PORTAL_FAULTS), scenarios.epnalert_portal_fault),
+        "runs",
+        False,
+    ),
     ("epnalert: SMTP login refused", [scenarios.epnalert_smtp_login_refused], "runs", False),
-    ("fuzz: mutated config -> mxsync check", [("check", lambda: fuzzing.mutated_config(_base(), sandboxed=False))], "fuzz", False),
-    ("fuzz: mangled config text -> mxsync check", [("check", lambda: fuzzing.mutated_text(_base_text()))], "fuzz", False),
+    (
+        "fuzz: mutated config -> mxsync check",
+        [("check", lambda: fuzzing.mutated_config(_base(), sandboxed=False))],
+        "fuzz",
+        False,
+    ),
+    (
+        "fuzz: mangled config text -> mxsync check",
+        [("check", lambda: fuzzing.mutated_text(_base_text()))],
+        "fuzz",
+        False,
+    ),
     ("fuzz: random YAML as config -> mxsync check", [("check", fuzzing.random_yaml)], "fuzz", False),
-    ("fuzz: mutated config -> mxsync run (dry)", [("run", lambda: fuzzing.mutated_config(_base(), sandboxed=True))], "fuzz", False),
+    (
+        "fuzz: mutated config -> mxsync run (dry)",
+        [("run", lambda: fuzzing.mutated_config(_base(), sandboxed=True))],
+        "fuzz",
+        False,
+    ),
     ("fuzz: mutated ignore.yml -> mxsync run --execute", [("ignore", fuzzing.ignore_texts)], "fuzz", False),
     ("fuzz: mutated mxsync-state.json -> run --execute", [("history", fuzzing.history_texts)], "fuzz", False),
     ("fuzz: mutated epnalert-state.json -> epnalert", [("alert", fuzzing.epnalert_state_texts)], "fuzz", False),
@@ -120,7 +167,9 @@ def run_row(name, items, mode, options, workdir):
         runs = max(1, options.runs // 5) if mode == "fraction" else options.runs
         for number in range(runs):
             for item in items:
-                run_once(tally, item, random.Random(options.seed * 1000 + number), workdir / f"run{number}-{_name(item)}")
+                run_once(
+                    tally, item, random.Random(options.seed * 1000 + number), workdir / f"run{number}-{_name(item)}"
+                )
     tally.seconds = time.monotonic() - started
     return tally
 
@@ -173,7 +222,8 @@ def run_fuzz(tally, target, strategy, examples, workdir):
 
     try:
         settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))(
-            given(strategy())(check))()
+            given(strategy())(check)
+        )()
     finally:
         if target == "alert":
             facility.__exit__(None, None, None)
@@ -199,7 +249,9 @@ def machine():
         except (OSError, IndexError):
             return "?"
 
-    release = Path("/etc/debian_version").read_text().strip() if Path("/etc/debian_version").exists() else platform.platform()
+    release = (
+        Path("/etc/debian_version").read_text().strip() if Path("/etc/debian_version").exists() else platform.platform()
+    )
     return {
         "cores": os.cpu_count(),
         "system": f"Debian {release}" if Path("/etc/debian_version").exists() else release,
@@ -213,18 +265,32 @@ def machine():
 
 def table(rows):
     widths = [max(len(HEADINGS[0]), *(len(row["fault"]) for row in rows))] + [len(heading) for heading in HEADINGS[1:]]
-    lines = ["| " + " | ".join(heading.ljust(width) for heading, width in zip(HEADINGS, widths)) + " |",
-             "| " + " | ".join("-" * width if index == 0 else "-" * (width - 1) + ":" for index, width in enumerate(widths)) + " |"]
+    lines = [
+        "| " + " | ".join(heading.ljust(width) for heading, width in zip(HEADINGS, widths)) + " |",
+        "| "
+        + " | ".join("-" * width if index == 0 else "-" * (width - 1) + ":" for index, width in enumerate(widths))
+        + " |",
+    ]
     for row in rows:
-        cells = [row["fault"], row["runs"] if row["runs"] is not None else "skipped"] + [row.get(column, "") for column in COLUMNS]
-        lines.append("| " + " | ".join(str(cell).ljust(widths[0]) if index == 0 else str(cell).rjust(width)
-                                       for index, (cell, width) in enumerate(zip(cells, widths))) + " |")
+        cells = [row["fault"], row["runs"] if row["runs"] is not None else "skipped"] + [
+            row.get(column, "") for column in COLUMNS
+        ]
+        lines.append(
+            "| "
+            + " | ".join(
+                str(cell).ljust(widths[0]) if index == 0 else str(cell).rjust(width)
+                for index, (cell, width) in enumerate(zip(cells, widths))
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="bench/faults.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10, help="runs of each scenario (default 10; the slow ones a fifth)")
+    parser.add_argument(
+        "--runs", type=int, default=10, help="runs of each scenario (default 10; the slow ones a fifth)"
+    )
     parser.add_argument("--kill-runs", type=int, default=100, help="kill -9 moments in the seeded loop (default 100)")
     parser.add_argument("--examples", type=int, default=500, help="generated inputs per fuzz property (default 500)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random moments and choices (default 1)")
@@ -270,15 +336,26 @@ def main(argv=None):
                 continue
             print(f"[{number + 1}/{len(selected)}] {name} ...", end=" ", flush=True)
             tally = run_row(name, items, mode, options, Path(scratch) / f"row{number}")
-            row = dict(tally.counts(), seconds=round(tally.seconds, 1),
-                       details={column: getattr(tally, column)[:5] for column in COLUMNS if getattr(tally, column)})
+            row = dict(
+                tally.counts(),
+                seconds=round(tally.seconds, 1),
+                details={column: getattr(tally, column)[:5] for column in COLUMNS if getattr(tally, column)},
+            )
             results.append(row)
-            print(f"{tally.runs} runs, {sum(len(getattr(tally, c)) for c in COLUMNS)} breaches, {tally.seconds:.0f} s", flush=True)
+            print(
+                f"{tally.runs} runs, {sum(len(getattr(tally, c)) for c in COLUMNS)} breaches, {tally.seconds:.0f} s",
+                flush=True,
+            )
     report = {
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - started),
         "machine": machine(),
-        "settings": {"runs": options.runs, "kill_runs": options.kill_runs, "examples": options.examples, "seed": options.seed},
+        "settings": {
+            "runs": options.runs,
+            "kill_runs": options.kill_runs,
+            "examples": options.examples,
+            "seed": options.seed,
+        },
         "faults": results,
     }
     output = Path(options.output)
@@ -287,8 +364,10 @@ def main(argv=None):
     print()
     print(table(results))
     totals = {column: sum(row.get(column, 0) for row in results) for column in COLUMNS}
-    print(f"\nTotal runs {sum(row['runs'] or 0 for row in results)}; breaches {totals}; "
-          f"{report['seconds']} s on {report['machine']['cores']} cores, {report['machine']['system']}. Details: {output}")
+    print(
+        f"\nTotal runs {sum(row['runs'] or 0 for row in results)}; breaches {totals}; "
+        f"{report['seconds']} s on {report['machine']['cores']} cores, {report['machine']['system']}. Details: {output}"
+    )
     for row in results:
         if row.get("notes"):
             print(f"  {row['fault']}: " + ", ".join(f"{count} {what}" for what, count in row["notes"].items()))

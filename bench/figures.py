@@ -12,8 +12,19 @@ import subprocess
 from datetime import datetime
 
 from bench.harness import (
-    ENDED, MIB, PYTHON, BenchError, Heartbeat, Scene, copy_tree_like_mxsync, median, parallel,
-    plain_rsync_loop, run_measured, run_mxsync, tree_bytes,
+    ENDED,
+    MIB,
+    PYTHON,
+    BenchError,
+    Heartbeat,
+    Scene,
+    copy_tree_like_mxsync,
+    median,
+    parallel,
+    plain_rsync_loop,
+    run_measured,
+    run_mxsync,
+    tree_bytes,
 )
 
 # Sizes per mode. "full" follows the issue; "quick" is a smoke run of a minute or two.
@@ -44,7 +55,9 @@ SIZES = {
 
 RECOMMENDED_CIPHER = "aes128-gcm@openssh.com"
 FIRST_NUMBER = 20000
-LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - mxsync\.sync - INFO:\d+: (\d+[a-z]+): (started|synced and verified)")
+LOG_TIME = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - mxsync\.sync - INFO:\d+: (\d+[a-z]+): (started|synced and verified)"
+)
 
 
 def epn_name(index):
@@ -74,8 +87,17 @@ def ratio_figure(ident, title, target_value, runs, numerator, denominator, detai
     target = f"{'<=' if lower_is_better else '>='} {target_value:g}"
     if stretch is not None:
         target += f" (stretch <= {stretch:g}: {'met' if value <= stretch else 'not met'})"
-    return dict(id=ident, title=title, value=value, unit="ratio", target=target, passed=passed, runs=runs,
-                details=details, ratios=ratios)
+    return dict(
+        id=ident,
+        title=title,
+        value=value,
+        unit="ratio",
+        target=target,
+        passed=passed,
+        runs=runs,
+        details=details,
+        ratios=ratios,
+    )
 
 
 def summary(runs, key):
@@ -93,11 +115,17 @@ def transfer_pair(bench, scene, epns, max_tasks, label=""):
     def mxsync_side():
         scene.reset_destination()
         figures = run_mxsync(scene)
-        run.update({f"mxsync{label}_s": figures["seconds"], f"mxsync{label}_rss_kib": figures["self_maxrss_kib"],
-                    f"mxsync{label}_children_rss_kib": figures["children_maxrss_kib"],
-                    f"mxsync{label}_ssh_connections": figures["ssh_connections"],
-                    f"mxsync{label}_cpu_s": figures["self_cpu_s"], f"mxsync{label}_log_bytes": figures["log_bytes"],
-                    f"mxsync{label}_recheck_share": figures.get("recheck_share", 0.0)})
+        run.update(
+            {
+                f"mxsync{label}_s": figures["seconds"],
+                f"mxsync{label}_rss_kib": figures["self_maxrss_kib"],
+                f"mxsync{label}_children_rss_kib": figures["children_maxrss_kib"],
+                f"mxsync{label}_ssh_connections": figures["ssh_connections"],
+                f"mxsync{label}_cpu_s": figures["self_cpu_s"],
+                f"mxsync{label}_log_bytes": figures["log_bytes"],
+                f"mxsync{label}_recheck_share": figures.get("recheck_share", 0.0),
+            }
+        )
 
     def plain_side():
         scene.reset_destination()
@@ -112,29 +140,42 @@ def fig_throughput(bench, sizes):
     size = sizes["throughput"]
     epns = [epn_name(index) for index in range(size["epns"])]
     with Scene(bench.workdir, "throughput") as scene:
-        add_experiments(scene, epns, frames=size["frames"], frame_size=size["frame_size"], small_files=size["small_files"])
+        add_experiments(
+            scene, epns, frames=size["frames"], frame_size=size["frame_size"], small_files=size["small_files"]
+        )
         scene.write_config(epn_cap_map=cap_map_for(epns), max_tasks=size["max_tasks"])
         files, total = tree_bytes(scene.source_root)
         runs = []
         # The tightest target and a noisy machine: more pairs than the other figures.
         for index in range(max(bench.runs, size["runs"])):
             run, mxsync_side, plain_side = transfer_pair(bench, scene, epns, size["max_tasks"])
-            for side in ([mxsync_side, plain_side] if index % 2 == 0 else [plain_side, mxsync_side]):
+            for side in [mxsync_side, plain_side] if index % 2 == 0 else [plain_side, mxsync_side]:
                 side()
             run["mxsync_mib_s"] = total / MIB / run["mxsync_s"]
             run["rsync_mib_s"] = total / MIB / run["rsync_s"]
             runs.append(run)
-            bench.progress(f"run {index + 1}: mxsync {run['mxsync_s']:.1f} s, rsync loop {run['rsync_s']:.1f} s "
-                           f"(post-transfer recheck: {run['mxsync_recheck_share']:.0%} of mxsync's EPN time)")
+            bench.progress(
+                f"run {index + 1}: mxsync {run['mxsync_s']:.1f} s, rsync loop {run['rsync_s']:.1f} s "
+                f"(post-transfer recheck: {run['mxsync_recheck_share']:.0%} of mxsync's EPN time)"
+            )
         scene.reset_destination()
-    details = dict(size, files=files, bytes=total, mxsync_s=summary(runs, "mxsync_s"), rsync_s=summary(runs, "rsync_s"),
-                   mxsync_mib_s=summary(runs, "mxsync_mib_s"), rsync_mib_s=summary(runs, "rsync_mib_s"),
-                   mxsync_log_bytes=summary(runs, "mxsync_log_bytes"),
-                   mxsync_recheck_share=summary(runs, "mxsync_recheck_share"),
-                   ssh_connections_per_pass=dict(mxsync=summary(runs, "mxsync_ssh_connections"),
-                                                 rsync=summary(runs, "rsync_ssh_connections")))
-    return ratio_figure("1", "Throughput, MX-shaped: mxsync pass / plain rsync loop (time)", 1.05, runs,
-                        "mxsync_s", "rsync_s", details)
+    details = dict(
+        size,
+        files=files,
+        bytes=total,
+        mxsync_s=summary(runs, "mxsync_s"),
+        rsync_s=summary(runs, "rsync_s"),
+        mxsync_mib_s=summary(runs, "mxsync_mib_s"),
+        rsync_mib_s=summary(runs, "rsync_mib_s"),
+        mxsync_log_bytes=summary(runs, "mxsync_log_bytes"),
+        mxsync_recheck_share=summary(runs, "mxsync_recheck_share"),
+        ssh_connections_per_pass=dict(
+            mxsync=summary(runs, "mxsync_ssh_connections"), rsync=summary(runs, "rsync_ssh_connections")
+        ),
+    )
+    return ratio_figure(
+        "1", "Throughput, MX-shaped: mxsync pass / plain rsync loop (time)", 1.05, runs, "mxsync_s", "rsync_s", details
+    )
 
 
 def fig_cipher(bench, sizes):
@@ -142,7 +183,9 @@ def fig_cipher(bench, sizes):
     size = sizes["cipher"]
     epns = [epn_name(index) for index in range(size["epns"])]
     with Scene(bench.workdir, "cipher") as scene:
-        add_experiments(scene, epns, frames=size["frames"], frame_size=size["frame_size"], small_files=size["small_files"])
+        add_experiments(
+            scene, epns, frames=size["frames"], frame_size=size["frame_size"], small_files=size["small_files"]
+        )
         files, total = tree_bytes(scene.source_root)
         runs = []
 
@@ -152,6 +195,7 @@ def fig_cipher(bench, sizes):
                 scene.reset_destination()
                 figures = run_mxsync(scene)
                 run[f"{cipher or 'default'}_s"] = figures["seconds"]
+
             return measure
 
         for index, order in alternate(bench.runs, side(None), side(RECOMMENDED_CIPHER)):
@@ -161,12 +205,23 @@ def fig_cipher(bench, sizes):
             run["default_mib_s"] = total / MIB / run["default_s"]
             run["aes_mib_s"] = total / MIB / run[f"{RECOMMENDED_CIPHER}_s"]
             runs.append(run)
-            bench.progress(f"run {index + 1}: default cipher {run['default_mib_s']:.0f} MiB/s, "
-                           f"{RECOMMENDED_CIPHER} {run['aes_mib_s']:.0f} MiB/s")
+            bench.progress(
+                f"run {index + 1}: default cipher {run['default_mib_s']:.0f} MiB/s, "
+                f"{RECOMMENDED_CIPHER} {run['aes_mib_s']:.0f} MiB/s"
+            )
         scene.reset_destination()
-    details = dict(size, bytes=total, default_mib_s=summary(runs, "default_mib_s"), aes_mib_s=summary(runs, "aes_mib_s"))
-    figure = ratio_figure("1c", f"Cipher: mxsync pass time with {RECOMMENDED_CIPHER} / ssh default (chacha20-poly1305)",
-                          1.0, runs, f"{RECOMMENDED_CIPHER}_s", "default_s", details)
+    details = dict(
+        size, bytes=total, default_mib_s=summary(runs, "default_mib_s"), aes_mib_s=summary(runs, "aes_mib_s")
+    )
+    figure = ratio_figure(
+        "1c",
+        f"Cipher: mxsync pass time with {RECOMMENDED_CIPHER} / ssh default (chacha20-poly1305)",
+        1.0,
+        runs,
+        f"{RECOMMENDED_CIPHER}_s",
+        "default_s",
+        details,
+    )
     figure["passed"] = None  # informational: no target in the issue
     figure["target"] = "(information: < 1 means the cipher is faster)"
     return figure
@@ -186,19 +241,36 @@ def fig_small_files(bench, sizes):
         runs = []
         for index in range(bench.runs):
             run, mxsync_side, plain_side = transfer_pair(bench, scene, epns, size["max_tasks"])
-            for side in ([mxsync_side, plain_side] if index % 2 == 0 else [plain_side, mxsync_side]):
+            for side in [mxsync_side, plain_side] if index % 2 == 0 else [plain_side, mxsync_side]:
                 side()
             runs.append(run)
-            bench.progress(f"run {index + 1}: mxsync {run['mxsync_s']:.1f} s, rsync loop {run['rsync_s']:.1f} s "
-                           f"(post-transfer recheck: {run['mxsync_recheck_share']:.0%} of mxsync's EPN time)")
+            bench.progress(
+                f"run {index + 1}: mxsync {run['mxsync_s']:.1f} s, rsync loop {run['rsync_s']:.1f} s "
+                f"(post-transfer recheck: {run['mxsync_recheck_share']:.0%} of mxsync's EPN time)"
+            )
         scene.reset_destination()
-    details = dict(size, files=files, bytes=total, mxsync_s=summary(runs, "mxsync_s"), rsync_s=summary(runs, "rsync_s"),
-                   mxsync_rss_mib=summary(runs, "mxsync_rss_kib") / 1024, mxsync_log_bytes=summary(runs, "mxsync_log_bytes"),
-                   mxsync_recheck_share=summary(runs, "mxsync_recheck_share"),
-                   ssh_connections_per_pass=dict(mxsync=summary(runs, "mxsync_ssh_connections"),
-                                                 rsync=summary(runs, "rsync_ssh_connections")))
-    return ratio_figure("2", f"Many small files ({files} files): mxsync pass / plain rsync loop (time)", 1.10, runs,
-                        "mxsync_s", "rsync_s", details)
+    details = dict(
+        size,
+        files=files,
+        bytes=total,
+        mxsync_s=summary(runs, "mxsync_s"),
+        rsync_s=summary(runs, "rsync_s"),
+        mxsync_rss_mib=summary(runs, "mxsync_rss_kib") / 1024,
+        mxsync_log_bytes=summary(runs, "mxsync_log_bytes"),
+        mxsync_recheck_share=summary(runs, "mxsync_recheck_share"),
+        ssh_connections_per_pass=dict(
+            mxsync=summary(runs, "mxsync_ssh_connections"), rsync=summary(runs, "rsync_ssh_connections")
+        ),
+    )
+    return ratio_figure(
+        "2",
+        f"Many small files ({files} files): mxsync pass / plain rsync loop (time)",
+        1.10,
+        runs,
+        "mxsync_s",
+        "rsync_s",
+        details,
+    )
 
 
 # ---------------------------------------------------------------- 3. parallel scaling
@@ -230,7 +302,7 @@ def fig_scaling(bench, sizes):
         runs = []
         for index in range(bench.runs):
             run = {}
-            for max_tasks in (tasks if index % 2 == 0 else tuple(reversed(tasks))):
+            for max_tasks in tasks if index % 2 == 0 else tuple(reversed(tasks)):
                 scene.write_config(epn_cap_map=cap_map_for(epns), max_tasks=max_tasks, rsync_bwlimit=size["bwlimit"])
                 scene.reset_destination()
                 log_path.unlink(missing_ok=True)
@@ -242,30 +314,52 @@ def fig_scaling(bench, sizes):
             # rsync's own scaling on this machine, for reference: the same loop of plain rsyncs, same limit.
             for max_tasks in (tasks[0], tasks[-1]):
                 scene.reset_destination()
-                seconds = plain_rsync_loop(scene, epns, max_tasks, rsync_options=[f"--bwlimit={size['bwlimit']}"])["seconds"]
+                seconds = plain_rsync_loop(scene, epns, max_tasks, rsync_options=[f"--bwlimit={size['bwlimit']}"])[
+                    "seconds"
+                ]
                 run[f"rsync_mib_s_{max_tasks}"] = total / MIB / seconds
-            run["rsync_efficiency"] = run[f"rsync_mib_s_{tasks[-1]}"] / (run[f"rsync_mib_s_{tasks[0]}"] * tasks[-1] / tasks[0])
+            run["rsync_efficiency"] = run[f"rsync_mib_s_{tasks[-1]}"] / (
+                run[f"rsync_mib_s_{tasks[0]}"] * tasks[-1] / tasks[0]
+            )
             one = run[f"mib_s_{tasks[0]}"]
             for max_tasks in tasks:
                 run[f"efficiency_{max_tasks}"] = run[f"mib_s_{max_tasks}"] / (one * max_tasks / tasks[0])
-                run[f"pass_efficiency_{max_tasks}"] = run[f"pass_s_{tasks[0]}"] / (run[f"pass_s_{max_tasks}"] * max_tasks / tasks[0])
+                run[f"pass_efficiency_{max_tasks}"] = run[f"pass_s_{tasks[0]}"] / (
+                    run[f"pass_s_{max_tasks}"] * max_tasks / tasks[0]
+                )
             runs.append(run)
-            bench.progress("run {}: ".format(index + 1) + ", ".join(
-                f"{n} tasks {run[f'mib_s_{n}']:.1f} MiB/s ({run[f'efficiency_{n}']:.2f} of linear)" for n in tasks)
-                + f"; plain rsync loop at {tasks[-1]}: {run['rsync_efficiency']:.2f} of linear")
+            bench.progress(
+                f"run {index + 1}: "
+                + ", ".join(
+                    f"{n} tasks {run[f'mib_s_{n}']:.1f} MiB/s ({run[f'efficiency_{n}']:.2f} of linear)" for n in tasks
+                )
+                + f"; plain rsync loop at {tasks[-1]}: {run['rsync_efficiency']:.2f} of linear"
+            )
         scene.reset_destination()
     worst = min(tasks[1:], key=lambda n: summary(runs, f"efficiency_{n}"))
     value = min(summary(runs, f"efficiency_{n}") for n in tasks[1:])
-    details = dict(size, bytes=total, limit_note="each rsync limited by rsync-bwlimit; throughput over the transfer phase "
-                   "(first EPN started to last verified, from mxsync's log)",
-                   rsync_loop_efficiency=summary(runs, "rsync_efficiency"))
+    details = dict(
+        size,
+        bytes=total,
+        limit_note="each rsync limited by rsync-bwlimit; throughput over the transfer phase "
+        "(first EPN started to last verified, from mxsync's log)",
+        rsync_loop_efficiency=summary(runs, "rsync_efficiency"),
+    )
     for n in tasks:
         details[f"mib_s_{n}_tasks"] = summary(runs, f"mib_s_{n}")
         details[f"efficiency_{n}_tasks"] = summary(runs, f"efficiency_{n}")
         details[f"whole_pass_efficiency_{n}_tasks"] = summary(runs, f"pass_efficiency_{n}")
-    return dict(id="3", title=f"Parallel scaling, {size['bwlimit']}iB/s per stream: worst aggregate throughput / linear "
-                f"(at {worst} tasks)", value=value, unit="ratio", target=">= 0.9", passed=value >= 0.9, runs=runs,
-                details=details)
+    return dict(
+        id="3",
+        title=f"Parallel scaling, {size['bwlimit']}iB/s per stream: worst aggregate throughput / linear "
+        f"(at {worst} tasks)",
+        value=value,
+        unit="ratio",
+        target=">= 0.9",
+        passed=value >= 0.9,
+        runs=runs,
+        details=details,
+    )
 
 
 # ---------------------------------------------------------------- 4. no-op passes
@@ -288,8 +382,13 @@ print(json.dumps(times))
 
 def portal_seconds(config_path, repeats=1):
     """Time mxsync's own portal call (token + current and previous visits, parsed) in a separate process."""
-    result = subprocess.run([PYTHON, "-c", PORTAL_TIMER, str(config_path), str(repeats)], capture_output=True, text=True,
-                            check=True, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [PYTHON, "-c", PORTAL_TIMER, str(config_path), str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     return min(json.loads(result.stdout))
 
 
@@ -304,15 +403,26 @@ def fig_noop_ignored(bench, sizes):
             facility.portal.add_visit(23, epn, ENDED["start"], ENDED["end"])
         facility.portal.add_equipment(24)  # no visits: the empty pass
         credentials = facility.portal.credentials[None]
-        empty_equipment = [{"id": 24, "username": credentials.username, "password": credentials.password,
-                            "client_name": credentials.client_name, "client_password": credentials.client_password,
-                            "beamline": "mx"}]
+        empty_equipment = [
+            {
+                "id": 24,
+                "username": credentials.username,
+                "password": credentials.password,
+                "client_name": credentials.client_name,
+                "client_password": credentials.client_password,
+                "beamline": "mx",
+            }
+        ]
         empty_state = facility.workdir / "state-empty"
         empty_state.mkdir()
         scene.write_ignore(epns)
         full_config = scene.write_config(epn_cap_map=cap_map_for(epns))
-        empty_config = facility.write_config(path=facility.workdir / "config-empty.yml", equipment=empty_equipment,
-                                             ignore=str(empty_state / "ignore.yml"), epn_cap_map={"12282": "ny79"})
+        empty_config = facility.write_config(
+            path=facility.workdir / "config-empty.yml",
+            equipment=empty_equipment,
+            ignore=str(empty_state / "ignore.yml"),
+            epn_cap_map={"12282": "ny79"},
+        )
         runs = []
 
         def full():
@@ -332,15 +442,30 @@ def fig_noop_ignored(bench, sizes):
             beyond = (run["full_s"] - run["empty_s"]) - (run["full_portal_s"] - run["empty_portal_s"])
             run["per_1000_s"] = beyond / (count / 1000)
             runs.append(run)
-            bench.progress(f"run {index + 1}: {count} ignored {run['full_s']:.2f} s (portal {run['full_portal_s']:.2f} s), "
-                           f"empty {run['empty_s']:.2f} s (portal {run['empty_portal_s']:.2f} s): "
-                           f"{run['per_1000_s']:.3f} s per 1,000 EPNs")
+            bench.progress(
+                f"run {index + 1}: {count} ignored {run['full_s']:.2f} s (portal {run['full_portal_s']:.2f} s), "
+                f"empty {run['empty_s']:.2f} s (portal {run['empty_portal_s']:.2f} s): "
+                f"{run['per_1000_s']:.3f} s per 1,000 EPNs"
+            )
     value = summary(runs, "per_1000_s")
-    details = dict(size, full_s=summary(runs, "full_s"), empty_s=summary(runs, "empty_s"),
-                   full_portal_s=summary(runs, "full_portal_s"), empty_portal_s=summary(runs, "empty_portal_s"),
-                   method="((pass with N ignored EPNs - pass with none) - (portal call with N visits - with none)) / (N/1000)")
-    return dict(id="4a", title=f"No-op pass, {count} EPNs all in ignore.yml: seconds per 1,000 EPNs beyond the portal call",
-                value=value, unit="s", target="< 0.2", passed=value < 0.2, runs=runs, details=details)
+    details = dict(
+        size,
+        full_s=summary(runs, "full_s"),
+        empty_s=summary(runs, "empty_s"),
+        full_portal_s=summary(runs, "full_portal_s"),
+        empty_portal_s=summary(runs, "empty_portal_s"),
+        method="((pass with N ignored EPNs - pass with none) - (portal call with N visits - with none)) / (N/1000)",
+    )
+    return dict(
+        id="4a",
+        title=f"No-op pass, {count} EPNs all in ignore.yml: seconds per 1,000 EPNs beyond the portal call",
+        value=value,
+        unit="s",
+        target="< 0.2",
+        passed=value < 0.2,
+        runs=runs,
+        details=details,
+    )
 
 
 def fig_noop_complete(bench, sizes):
@@ -353,17 +478,25 @@ def fig_noop_complete(bench, sizes):
         scene.write_config(epn_cap_map=cap_map, max_tasks=size["max_tasks"])
         scene.reset_destination()
         # Already complete at both destinations, as each side would have left it.
-        parallel(lambda epn: copy_tree_like_mxsync(scene.source_root / epn,
-                                                   scene.facility.destination / cap_map[epn[:-1]] / epn / "data"), epns)
+        parallel(
+            lambda epn: copy_tree_like_mxsync(
+                scene.source_root / epn, scene.facility.destination / cap_map[epn[:-1]] / epn / "data"
+            ),
+            epns,
+        )
         subprocess.run(["cp", "-a", f"{scene.source_root}/.", f"{scene.plain_destination}/"], check=True)
         runs = []
 
         def mxsync_side():
             scene.forget_records()
             figures = run_mxsync(scene)
-            run.update(mxsync_s=figures["seconds"], mxsync_ssh_connections=figures["ssh_connections"],
-                       mxsync_cpu_s=figures["self_cpu_s"], children_cpu_s=figures["children_cpu_s"],
-                       mxsync_log_bytes=figures["log_bytes"])
+            run.update(
+                mxsync_s=figures["seconds"],
+                mxsync_ssh_connections=figures["ssh_connections"],
+                mxsync_cpu_s=figures["self_cpu_s"],
+                children_cpu_s=figures["children_cpu_s"],
+                mxsync_log_bytes=figures["log_bytes"],
+            )
 
         def plain_side():
             figures = plain_rsync_loop(scene, epns, size["max_tasks"])
@@ -375,14 +508,31 @@ def fig_noop_complete(bench, sizes):
                 for measure in order:
                     measure()
                 runs.append(run)
-                bench.progress(f"run {index + 1}: mxsync {run['mxsync_s']:.1f} s ({run['mxsync_ssh_connections']} ssh logins), "
-                               f"rsync loop {run['rsync_s']:.1f} s ({run['rsync_ssh_connections']} ssh logins)")
-    details = dict(size, mxsync_s=summary(runs, "mxsync_s"), rsync_s=summary(runs, "rsync_s"),
-                   mxsync_cpu_s=summary(runs, "mxsync_cpu_s"), mxsync_log_bytes=summary(runs, "mxsync_log_bytes"),
-                   ssh_connections_per_pass=dict(mxsync=summary(runs, "mxsync_ssh_connections"),
-                                                 rsync=summary(runs, "rsync_ssh_connections")))
-    return ratio_figure("4b", f"No-op pass, {size['epns']} EPNs complete at the destination, not in ignore.yml: "
-                        "mxsync / plain rsync loop (time)", 1.0, runs, "mxsync_s", "rsync_s", details, stretch=0.6)
+                bench.progress(
+                    f"run {index + 1}: mxsync {run['mxsync_s']:.1f} s ({run['mxsync_ssh_connections']} ssh logins), "
+                    f"rsync loop {run['rsync_s']:.1f} s ({run['rsync_ssh_connections']} ssh logins)"
+                )
+    details = dict(
+        size,
+        mxsync_s=summary(runs, "mxsync_s"),
+        rsync_s=summary(runs, "rsync_s"),
+        mxsync_cpu_s=summary(runs, "mxsync_cpu_s"),
+        mxsync_log_bytes=summary(runs, "mxsync_log_bytes"),
+        ssh_connections_per_pass=dict(
+            mxsync=summary(runs, "mxsync_ssh_connections"), rsync=summary(runs, "rsync_ssh_connections")
+        ),
+    )
+    return ratio_figure(
+        "4b",
+        f"No-op pass, {size['epns']} EPNs complete at the destination, not in ignore.yml: "
+        "mxsync / plain rsync loop (time)",
+        1.0,
+        runs,
+        "mxsync_s",
+        "rsync_s",
+        details,
+        stretch=0.6,
+    )
 
 
 IGNORE_ADD_TIMER = r"""
@@ -406,8 +556,13 @@ print(json.dumps(result))
 
 def ignore_add_seconds(workdir):
     """Time IgnoreFile.add of one EPN into files of 0, 500 and 5,000 entries (median of 7), in a separate process."""
-    result = subprocess.run([PYTHON, "-c", IGNORE_ADD_TIMER, str(workdir)], capture_output=True, text=True, check=True,
-                            stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [PYTHON, "-c", IGNORE_ADD_TIMER, str(workdir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     return {int(entries): seconds for entries, seconds in json.loads(result.stdout).items()}
 
 
@@ -421,8 +576,12 @@ def fig_noop_history(bench, sizes):
         add_experiments(scene, epns)
         scene.write_config(epn_cap_map=cap_map, max_tasks=size["max_tasks"])
         scene.reset_destination()
-        parallel(lambda epn: copy_tree_like_mxsync(scene.source_root / epn,
-                                                   scene.facility.destination / cap_map[epn[:-1]] / epn / "data"), epns)
+        parallel(
+            lambda epn: copy_tree_like_mxsync(
+                scene.source_root / epn, scene.facility.destination / cap_map[epn[:-1]] / epn / "data"
+            ),
+            epns,
+        )
         runs = []
 
         def with_history():
@@ -439,15 +598,31 @@ def fig_noop_history(bench, sizes):
             for measure in order:
                 measure()
             runs.append(run)
-            bench.progress(f"run {index + 1}: {size['epns']} EPNs with {size['history']} in ignore.yml {run['history_s']:.1f} s, "
-                           f"with an empty ignore.yml {run['fresh_s']:.1f} s")
+            bench.progress(
+                f"run {index + 1}: {size['epns']} EPNs with {size['history']} in ignore.yml {run['history_s']:.1f} s, "
+                f"with an empty ignore.yml {run['fresh_s']:.1f} s"
+            )
         adds = ignore_add_seconds(scene.workdir)
-        bench.progress("IgnoreFile.add of one EPN: " + ", ".join(f"{seconds * 1000:.1f} ms at {entries} entries"
-                                                                   for entries, seconds in adds.items()))
-    details = dict(size, history_s=summary(runs, "history_s"), fresh_s=summary(runs, "fresh_s"),
-                   ignore_add_ms={entries: seconds * 1000 for entries, seconds in adds.items()})
-    figure = ratio_figure("4c", f"No-op pass (b), {size['epns']} EPNs, with {size['history']} other EPNs in ignore.yml / "
-                          "with none (flat as history grows)", 1.10, runs, "history_s", "fresh_s", details)
+        bench.progress(
+            "IgnoreFile.add of one EPN: "
+            + ", ".join(f"{seconds * 1000:.1f} ms at {entries} entries" for entries, seconds in adds.items())
+        )
+    details = dict(
+        size,
+        history_s=summary(runs, "history_s"),
+        fresh_s=summary(runs, "fresh_s"),
+        ignore_add_ms={entries: seconds * 1000 for entries, seconds in adds.items()},
+    )
+    figure = ratio_figure(
+        "4c",
+        f"No-op pass (b), {size['epns']} EPNs, with {size['history']} other EPNs in ignore.yml / "
+        "with none (flat as history grows)",
+        1.10,
+        runs,
+        "history_s",
+        "fresh_s",
+        details,
+    )
     figure["target"] += " (not in the issue)"
     return figure
 
@@ -466,16 +641,18 @@ def fig_epnalert(bench, sizes):
         for epn in folders:
             (scene.source_root / epn).mkdir()
         for epn in visits:
-            facility.portal.add_visit(23, epn, ENDED["start"], ENDED["end"],
-                                      data_scientists=[("Grace", "Hopper", "grace@uni.example.edu")])
+            facility.portal.add_visit(
+                23, epn, ENDED["start"], ENDED["end"], data_scientists=[("Grace", "Hopper", "grace@uni.example.edu")]
+            )
         # Two cases over the same facility: a centre that has claimed most EPNs (the email lists the rest),
         # and the worst case, nothing claimed (every EPN is listed: the largest email, the most matching).
         configs = {}
         for case, cap_map in (("all_unknown", {"1": "ny79"}), ("few_unknown", cap_map_for(folders[:claimed]))):
             state = facility.workdir / f"state-{case}"
             state.mkdir()
-            configs[case] = facility.write_config(path=facility.workdir / f"config-{case}.yml", epn_cap_map=cap_map,
-                                                  ignore=str(state / "ignore.yml"))
+            configs[case] = facility.write_config(
+                path=facility.workdir / f"config-{case}.yml", epn_cap_map=cap_map, ignore=str(state / "ignore.yml")
+            )
         runs = []
 
         def measure(case):
@@ -483,8 +660,14 @@ def fig_epnalert(bench, sizes):
                 before = len(facility.smtp.messages)
                 figures = run_measured("epnalert", ["--config", configs[case]], scene.workdir)
                 facility.smtp.wait_for(before + 1, timeout=60)
-                run.update({f"{case}_s": figures["seconds"], f"{case}_rss_mib": figures["self_maxrss_kib"] / 1024,
-                            f"{case}_email_kib": len(facility.smtp.messages[-1].raw) / 1024})
+                run.update(
+                    {
+                        f"{case}_s": figures["seconds"],
+                        f"{case}_rss_mib": figures["self_maxrss_kib"] / 1024,
+                        f"{case}_email_kib": len(facility.smtp.messages[-1].raw) / 1024,
+                    }
+                )
+
             return run_case
 
         for index, order in alternate(bench.runs, measure("all_unknown"), measure("few_unknown")):
@@ -492,16 +675,26 @@ def fig_epnalert(bench, sizes):
             for case in order:
                 case()
             runs.append(run)
-            bench.progress(f"run {index + 1}: all {len(folders)} unknown {run['all_unknown_s']:.2f} s, peak RSS "
-                           f"{run['all_unknown_rss_mib']:.0f} MiB, email {run['all_unknown_email_kib']:.0f} KiB; "
-                           f"{len(folders) - claimed} unknown {run['few_unknown_s']:.2f} s, "
-                           f"{run['few_unknown_rss_mib']:.0f} MiB, email {run['few_unknown_email_kib']:.0f} KiB")
+            bench.progress(
+                f"run {index + 1}: all {len(folders)} unknown {run['all_unknown_s']:.2f} s, peak RSS "
+                f"{run['all_unknown_rss_mib']:.0f} MiB, email {run['all_unknown_email_kib']:.0f} KiB; "
+                f"{len(folders) - claimed} unknown {run['few_unknown_s']:.2f} s, "
+                f"{run['few_unknown_rss_mib']:.0f} MiB, email {run['few_unknown_email_kib']:.0f} KiB"
+            )
     seconds, rss = summary(runs, "all_unknown_s"), summary(runs, "all_unknown_rss_mib")
     details = {key: summary(runs, key) for key in runs[0]}
     details.update(size, judged="the worst case, every EPN unknown")
-    return dict(id="5", title=f"epnalert, {len(folders)} SFTP folders + {len(visits)} visits, all unknown: seconds "
-                f"(peak RSS MiB)", value=seconds, unit="s", value2=rss, target="< 5 s and < 200 MB",
-                passed=seconds < 5 and rss * 1.048576 < 200, runs=runs, details=details)
+    return dict(
+        id="5",
+        title=f"epnalert, {len(folders)} SFTP folders + {len(visits)} visits, all unknown: seconds (peak RSS MiB)",
+        value=seconds,
+        unit="s",
+        value2=rss,
+        target="< 5 s and < 200 MB",
+        passed=seconds < 5 and rss * 1.048576 < 200,
+        runs=runs,
+        details=details,
+    )
 
 
 # ---------------------------------------------------------------- 6. memory
@@ -525,6 +718,7 @@ def fig_memory(bench, sizes):
                 run[f"{key}_rss_kib"] = figures["self_maxrss_kib"]
                 run[f"{key}_rsync_rss_kib"] = figures["descendant_peak_kib"].get("rsync", 0)
                 run[f"{key}_ssh_rss_kib"] = figures["descendant_peak_kib"].get("ssh", 0)
+
             return measure
 
         for index, order in alternate(bench.runs, side(big, small, "big"), side(small, big, "small")):
@@ -532,20 +726,33 @@ def fig_memory(bench, sizes):
             for measure in order:
                 measure()
             runs.append(run)
-            bench.progress(f"run {index + 1}: mxsync peak RSS {run['big_rss_kib'] / 1024:.1f} MiB over {size['big_files']} "
-                           f"files, {run['small_rss_kib'] / 1024:.1f} MiB over {size['small_files']} "
-                           f"(rsync {run['big_rsync_rss_kib'] / 1024:.1f} / {run['small_rsync_rss_kib'] / 1024:.1f} MiB, "
-                           f"ssh {run['big_ssh_rss_kib'] / 1024:.1f} / {run['small_ssh_rss_kib'] / 1024:.1f} MiB)")
+            bench.progress(
+                f"run {index + 1}: mxsync peak RSS {run['big_rss_kib'] / 1024:.1f} MiB over {size['big_files']} "
+                f"files, {run['small_rss_kib'] / 1024:.1f} MiB over {size['small_files']} "
+                f"(rsync {run['big_rsync_rss_kib'] / 1024:.1f} / {run['small_rsync_rss_kib'] / 1024:.1f} MiB, "
+                f"ssh {run['big_ssh_rss_kib'] / 1024:.1f} / {run['small_ssh_rss_kib'] / 1024:.1f} MiB)"
+            )
         scene.reset_destination()
-    details = dict(size, big_rss_mib=summary(runs, "big_rss_kib") / 1024, small_rss_mib=summary(runs, "small_rss_kib") / 1024,
-                   big_rsync_rss_mib=summary(runs, "big_rsync_rss_kib") / 1024,
-                   small_rsync_rss_mib=summary(runs, "small_rsync_rss_kib") / 1024,
-                   big_ssh_rss_mib=summary(runs, "big_ssh_rss_kib") / 1024,
-                   small_ssh_rss_mib=summary(runs, "small_ssh_rss_kib") / 1024,
-                   note="mxsync's own peak RSS (VmHWM of the mxsync process); rsync and ssh processes sampled apart "
-                        "from /proc (largest single process)")
-    return ratio_figure("6", f"Memory: mxsync peak RSS over {size['big_files']} files / over {size['small_files']} files",
-                        1.10, runs, "big_rss_kib", "small_rss_kib", details)
+    details = dict(
+        size,
+        big_rss_mib=summary(runs, "big_rss_kib") / 1024,
+        small_rss_mib=summary(runs, "small_rss_kib") / 1024,
+        big_rsync_rss_mib=summary(runs, "big_rsync_rss_kib") / 1024,
+        small_rsync_rss_mib=summary(runs, "small_rsync_rss_kib") / 1024,
+        big_ssh_rss_mib=summary(runs, "big_ssh_rss_kib") / 1024,
+        small_ssh_rss_mib=summary(runs, "small_ssh_rss_kib") / 1024,
+        note="mxsync's own peak RSS (VmHWM of the mxsync process); rsync and ssh processes sampled apart "
+        "from /proc (largest single process)",
+    )
+    return ratio_figure(
+        "6",
+        f"Memory: mxsync peak RSS over {size['big_files']} files / over {size['small_files']} files",
+        1.10,
+        runs,
+        "big_rss_kib",
+        "small_rss_kib",
+        details,
+    )
 
 
 FIGURES = {

@@ -51,7 +51,7 @@ def machine():
                 break
     except OSError:
         pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
 
     def version(command):
         try:
@@ -75,7 +75,7 @@ def machine():
 
 def disk_free(path):
     usage = shutil.disk_usage(path)
-    return usage.free / 1024 ** 3
+    return usage.free / 1024**3
 
 
 # ---------------------------------------------------------------- the facility
@@ -165,8 +165,9 @@ def run_measured(program, arguments, workdir, timeout=3600, env=None, sample_chi
     stderr_path = out.with_suffix(".stderr")
     with open(stderr_path, "wb") as stderr:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                                   env=env, cwd=workdir)
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=workdir
+        )
         sampler = DescendantPeak(process.pid) if sample_children else None
         try:
             returncode = process.wait(timeout)
@@ -222,8 +223,8 @@ class DescendantPeak:
                 except OSError:
                     continue
                 close = text.rindex(b")")
-                names[int(entry.name)] = text[text.index(b"(") + 1:close]
-                parents[int(entry.name)] = int(text[close + 2:].split()[1])
+                names[int(entry.name)] = text[text.index(b"(") + 1 : close]
+                parents[int(entry.name)] = int(text[close + 2 :].split()[1])
             for pid, name in names.items():
                 if name not in self.NAMES or not self._descends(pid, parents):
                     continue
@@ -252,8 +253,13 @@ def run_mxsync(scene, timeout=3600, sample_children=False):
     scene.ssh_connections()
     log = scene.facility.workdir / "log" / "sync.log"
     log_before = log.stat().st_size if log.exists() else 0
-    figures = run_measured("mxsync", ["--config", scene.config_path, "--execute", "--once"], scene.workdir, timeout,
-                           sample_children=sample_children)
+    figures = run_measured(
+        "mxsync",
+        ["--config", scene.config_path, "--execute", "--once"],
+        scene.workdir,
+        timeout,
+        sample_children=sample_children,
+    )
     figures["ssh_connections"] = scene.ssh_connections()
     # Bytes of sync.log this pass wrote (at log-level DEBUG, the facility's default); 0 if it rotated.
     log_after = log.stat().st_size if log.exists() else 0
@@ -265,8 +271,10 @@ def run_mxsync(scene, timeout=3600, sample_children=False):
     return figures
 
 
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - mxsync\.\w+ - \w+:\d+: (\d+[a-z]+): "
-                      r"(started|running rsync.*--dry-run|synced and verified)")
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - mxsync\.\w+ - \w+:\d+: (\d+[a-z]+): "
+    r"(started|running rsync.*--dry-run|synced and verified)"
+)
 
 
 def recheck_share(log_text):
@@ -306,8 +314,9 @@ def plain_rsync_loop(scene, epns, max_tasks, rsync_options=(), timeout=3600):
     def one(epn):
         destination = scene.plain_destination / epn
         command = ["rsync", "-a", *rsync_options, "-e", rsh, f"{target}:{scene.source_root}/{epn}/", f"{destination}/"]
-        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, timeout=timeout)
+        result = subprocess.run(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
+        )
         if result.returncode != 0:
             errors.append(f"{epn}: rsync exit {result.returncode}: {result.stderr.decode(errors='replace')[-500:]}")
 
@@ -341,8 +350,12 @@ def copy_tree_like_mxsync(source, destination):
     from mxsync.rsync import BASE_OPTIONS
 
     destination.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["rsync", *BASE_OPTIONS, f"{source}/", f"{destination}/"], check=True,
-                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["rsync", *BASE_OPTIONS, f"{source}/", f"{destination}/"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def parallel(function, items, workers=4):

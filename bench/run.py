@@ -46,8 +46,13 @@ def parse_arguments(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data sets: a smoke run of a couple of minutes")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported (default 3)")
-    parser.add_argument("--only", nargs="+", choices=DEFAULT_ORDER, metavar="FIGURE",
-                        help=f"figures to run, of {', '.join(DEFAULT_ORDER)}")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=DEFAULT_ORDER,
+        metavar="FIGURE",
+        help=f"figures to run, of {', '.join(DEFAULT_ORDER)}",
+    )
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a new one under $TMPDIR or /tmp)")
     parser.add_argument("--output", default=None, help="results JSON path (default bench/results/<time>.json)")
     arguments = parser.parse_args(argv)
@@ -76,7 +81,9 @@ def print_table(figures):
     print(f"{'fig':4} {'result':>18}  {'target':<28} {'':5} what")
     print("-" * 100)
     for figure in figures:
-        print(f"{figure['id']:4} {format_value(figure):>18}  {figure['target'][:28]:<28} {verdict(figure):5} {figure['title']}")
+        print(
+            f"{figure['id']:4} {format_value(figure):>18}  {figure['target'][:28]:<28} {verdict(figure):5} {figure['title']}"
+        )
     print("=" * 100)
 
 
@@ -93,9 +100,12 @@ def main(argv=None):
         print(f"only {free:.1f} GiB free under {workdir}; the full run needs about {MIN_FREE_GIB} GiB", file=sys.stderr)
         return 2
     about = machine()
-    print(f"mxsync benchmarks ({mode}, {arguments.runs} runs per figure) on {about['cpu']}, {about['cores']} cores, "
-          f"{about['memory_gib']} GiB; {about['rsync']}; {about['ssh']}; load {about['load_average_at_start'][0]:.2f}; "
-          f"scratch {workdir} ({free:.0f} GiB free)", flush=True)
+    print(
+        f"mxsync benchmarks ({mode}, {arguments.runs} runs per figure) on {about['cpu']}, {about['cores']} cores, "
+        f"{about['memory_gib']} GiB; {about['rsync']}; {about['ssh']}; load {about['load_average_at_start'][0]:.2f}; "
+        f"scratch {workdir} ({free:.0f} GiB free)",
+        flush=True,
+    )
     bench = Bench(workdir, arguments.runs, arguments.quick)
     started = time.monotonic()
     results = []
@@ -103,24 +113,41 @@ def main(argv=None):
     try:
         for ident in order:
             figure_started = time.monotonic()
-            print(f"\n[{ident}] {FIGURES[ident].__doc__.splitlines()[0] if FIGURES[ident].__doc__ else ''}".rstrip(), flush=True)
+            print(
+                f"\n[{ident}] {FIGURES[ident].__doc__.splitlines()[0] if FIGURES[ident].__doc__ else ''}".rstrip(),
+                flush=True,
+            )
             try:
                 figure = FIGURES[ident](bench, sizes)
             except Exception as error:  # one figure's failure must not lose the others
                 traceback.print_exc()
                 failed_to_measure = True
-                figure = dict(id=ident, title=f"{FIGURES[ident].__name__}: not measured", value=None, unit="",
-                              target="", passed=False, error=f"{type(error).__name__}: {error}", runs=[], details={})
+                figure = dict(
+                    id=ident,
+                    title=f"{FIGURES[ident].__name__}: not measured",
+                    value=None,
+                    unit="",
+                    target="",
+                    passed=False,
+                    error=f"{type(error).__name__}: {error}",
+                    runs=[],
+                    details={},
+                )
             figure["seconds_to_measure"] = time.monotonic() - figure_started
             results.append(figure)
-            print(f"  => {format_value(figure)}  target {figure['target']}  {verdict(figure)}   ({figure['title']}; "
-                  f"{figure['seconds_to_measure']:.0f} s)", flush=True)
+            print(
+                f"  => {format_value(figure)}  target {figure['target']}  {verdict(figure)}   ({figure['title']}; "
+                f"{figure['seconds_to_measure']:.0f} s)",
+                flush=True,
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print_table(results)
     if arguments.quick:
-        print("quick mode: small data sets, where fixed per-pass costs dominate; PASS/FAIL here is a smoke test only, "
-              "the targets apply to the full run")
+        print(
+            "quick mode: small data sets, where fixed per-pass costs dominate; PASS/FAIL here is a smoke test only, "
+            "the targets apply to the full run"
+        )
     total = time.monotonic() - started
     print(f"total {total / 60:.1f} min; load average now {os.getloadavg()[0]:.2f}")
     document = {
@@ -130,10 +157,20 @@ def main(argv=None):
         "machine": about,
         "load_average_at_end": os.getloadavg(),
         "total_seconds": total,
-        "sizes": {ident: sizes.get(key) for ident, key in (("1", "throughput"), ("1c", "cipher"), ("2", "small_files"),
-                                                           ("3", "scaling"), ("4a", "noop_ignored"),
-                                                           ("4b", "noop_complete"), ("4c", "noop_history"),
-                                                           ("5", "epnalert"), ("6", "memory"))},
+        "sizes": {
+            ident: sizes.get(key)
+            for ident, key in (
+                ("1", "throughput"),
+                ("1c", "cipher"),
+                ("2", "small_files"),
+                ("3", "scaling"),
+                ("4a", "noop_ignored"),
+                ("4b", "noop_complete"),
+                ("4c", "noop_history"),
+                ("5", "epnalert"),
+                ("6", "memory"),
+            )
+        },
         "figures": results,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,7 @@ class UnknownEpn:
     visits: tuple = ()  # mxsync.portal.Visit
     beamlines: tuple[str, ...] = ()
     new: bool = True
-    first_alerted: datetime | None = (
-        None  # when an earlier alert first listed it; None if new
-    )
+    first_alerted: datetime | None = None  # when an earlier alert first listed it; None if new
 
     @property
     def number(self):
@@ -136,9 +134,7 @@ def find_unknown(sftp_folders, visits, cap_map, beamline_of_path=None):
             ),
         )
         paths = tuple(sftp_folders.get(epn, ()))
-        beamlines = [visit.beamline for visit in own_visits] + [
-            beamline_of_path.get(path) for path in paths
-        ]
+        beamlines = [visit.beamline for visit in own_visits] + [beamline_of_path.get(path) for path in paths]
         unknown.append(
             UnknownEpn(
                 epn=epn,
@@ -217,10 +213,7 @@ class AlertHistory:
             return Previous()
         try:
             sent_at = _parse_time(data["last_sent"]) if data.get("last_sent") else None
-            epns = {
-                str(epn): _parse_time(entry["first_alerted"])
-                for epn, entry in data.get("epns", {}).items()
-            }
+            epns = {str(epn): _parse_time(entry["first_alerted"]) for epn, entry in data.get("epns", {}).items()}
         except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise StateFileError(
                 f"{self.path}: the epnalert state is not in the expected form ({type(error).__name__}: {error}); "
@@ -232,12 +225,7 @@ class AlertHistory:
         """Remember the alert just sent; with keep_unseen (a source failed) EPNs not seen this time stay remembered."""
         epns = {}
         if keep_unseen:
-            epns.update(
-                {
-                    epn: {"first_alerted": first.isoformat()}
-                    for epn, first in previous.epns.items()
-                }
-            )
+            epns.update({epn: {"first_alerted": first.isoformat()} for epn, first in previous.epns.items()})
         for item in alert.unknown:
             first = item.first_alerted or sent_at
             epns[item.epn] = {
@@ -320,9 +308,7 @@ def run_alert(config, dry_run=False, now=None):
                     keep_unseen=bool(alert.failed_sources),
                 )
             except OSError as error:
-                raise StateFileError(
-                    f"the alert was sent, but {history.path} could not be updated: {error}"
-                ) from None
+                raise StateFileError(f"the alert was sent, but {history.path} could not be updated: {error}") from None
     if state_problem is not None:
         raise state_problem
     return 0
@@ -336,17 +322,11 @@ def build_alert(config, gathered, previous, now):
         for failure in gathered.failures:
             logger.error("%s", failure, extra=FILE_ONLY)
         reasons = "; ".join(_one_line(str(failure)) for failure in gathered.failures)
-        raise NothingToAlertOnError(
-            f"both SFTP and the portal failed, no alert sent: {reasons}"
-        )
+        raise NothingToAlertOnError(f"both SFTP and the portal failed, no alert sent: {reasons}")
     for failure in gathered.failures:
         logger.warning("Source failed, the alert will say so: %s", failure)
-    beamline_of_path = {
-        equipment.source_path: equipment.beamline for equipment in config.equipment
-    }
-    unknown = find_unknown(
-        gathered.sftp_folders, gathered.visits, config.epn_cap_map, beamline_of_path
-    )
+    beamline_of_path = {equipment.source_path: equipment.beamline for equipment in config.equipment}
+    unknown = find_unknown(gathered.sftp_folders, gathered.visits, config.epn_cap_map, beamline_of_path)
     return Alert(
         unknown=mark_new(unknown, previous.epns),
         suspicious=list(gathered.suspicious),
@@ -364,11 +344,7 @@ def _print_dry_run(config, alert, send, reason):
     if not alert.unknown:
         output = "# epnalert --dry-run: no unknown EPNs, so no email would be sent.\n"
     else:
-        verdict = (
-            f"would be sent to {', '.join(config.email_to)}"
-            if send
-            else "would NOT be sent"
-        )
+        verdict = f"would be sent to {', '.join(config.email_to)}" if send else "would NOT be sent"
         output = f"# epnalert --dry-run: this email {verdict} ({reason}); nothing sent, no state changed.\n"
         output += describe_message(compose(config, alert)) + "\n"
     sys.stdout.write(output)
@@ -383,9 +359,7 @@ def _send(config, alert):
     try:
         answer = send_message(config.smtp, message, config.email_to)
     except MailError as error:
-        logger.error(
-            "Alert about %s not sent: %s", _epn_list(alert), error, extra=FILE_ONLY
-        )
+        logger.error("Alert about %s not sent: %s", _epn_list(alert), error, extra=FILE_ONLY)
         raise
     email_logger.info(
         "Sent to %s, subject %r, EPNs %s; SMTP answer: %s",
@@ -425,9 +399,7 @@ def describe_message(message):
 
 
 def _epn_list(alert):
-    return ", ".join(
-        item.epn + (" (new)" if item.new else "") for item in alert.unknown
-    )
+    return ", ".join(item.epn + (" (new)" if item.new else "") for item in alert.unknown)
 
 
 def _one_line(text):

@@ -46,15 +46,11 @@ def _render_parts(config, alert, subject):
     # looking for thousands of names in a big email costs seconds, so only the site's templates are searched.
     html, noticed, search = None, [], config.template_folder is not None
     if html_name:
-        rendered = _render(
-            _environment(loader, html=True, strict=strict), html_name, values
-        )
+        rendered = _render(_environment(loader, html=True, strict=strict), html_name, values)
         html = with_notice_html(rendered, alert) if search else rendered
         noticed += [html_name] if html != rendered else []
     if text_name:
-        rendered = _render(
-            _environment(loader, html=False, strict=strict), text_name, values
-        )
+        rendered = _render(_environment(loader, html=False, strict=strict), text_name, values)
         text = with_notice_text(rendered, alert) if search else rendered
         noticed += [text_name] if text != rendered else []
     else:
@@ -74,9 +70,7 @@ def check_templates(config):
     compose(config, sample)  # the whole message too, headers and encoding included
     if config.template_folder is None:
         return "built-in templates render on sample data"
-    names = " and ".join(
-        name for name in (config.template_text, config.template_html) if name
-    )
+    names = " and ".join(name for name in (config.template_text, config.template_html) if name)
     detail = f"{names} in {config.template_folder} render on sample data"
     if noticed:
         detail += f" ({' and '.join(noticed)} do not show failed sources or suspicious names; epnalert adds its notice)"
@@ -112,14 +106,8 @@ def sample_alert(config, now=None):
                 first_alerted=now - 7 * day,
             ),
         ],
-        suspicious=[
-            Suspicious(f"{SFTP} /data/mx", "'lost+found'", "not an EPN (sample)")
-        ],
-        failed_sources=[
-            SourceFailure(
-                PORTAL, "equipment 24 (mx2)", "HTTP 503 <Service Unavailable> (sample)"
-            )
-        ],
+        suspicious=[Suspicious(f"{SFTP} /data/mx", "'lost+found'", "not an EPN (sample)")],
+        failed_sources=[SourceFailure(PORTAL, "equipment 24 (mx2)", "HTTP 503 <Service Unavailable> (sample)")],
         generated_at=now,
         window_start=now - 30 * day,
         window_end=now + 7 * day,
@@ -171,19 +159,13 @@ def _render(environment, name, values):
     except jinja2.TemplateNotFound as error:
         where = getattr(environment.loader, "searchpath", ["the epnalert package"])
         missing = f"{error.name} (included by {name})" if error.name != name else name
-        raise MailError(
-            f"template {missing}: not found in {', '.join(map(str, where))}"
-        ) from None
+        raise MailError(f"template {missing}: not found in {', '.join(map(str, where))}") from None
     except jinja2.TemplateSyntaxError as error:
-        raise MailError(
-            f"template {error.filename or name}, line {error.lineno}: {error.message}"
-        ) from None
+        raise MailError(f"template {error.filename or name}, line {error.lineno}: {error.message}") from None
     except Exception as error:  # noqa: BLE001 - a template is code: it can raise anything (undefined names, 1/0...)
         filename, line = _template_frame(error, name)
         summary = " ".join(str(error).split()) or type(error).__name__
-        raise MailError(
-            f"template {filename}{line}: cannot render it: {summary}"
-        ) from None
+        raise MailError(f"template {filename}{line}: cannot render it: {summary}") from None
 
 
 def _template_frame(error, name):
@@ -213,10 +195,7 @@ def printable(text):
     if text.isprintable():
         return text
     return "".join(
-        character.encode("unicode_escape").decode("ascii")
-        if _hidden(character)
-        else character
-        for character in text
+        character.encode("unicode_escape").decode("ascii") if _hidden(character) else character for character in text
     )
 
 
@@ -231,11 +210,7 @@ def clean_alert(value):
         return printable(value)
     if isinstance(value, (list, tuple)):
         items = [clean_alert(item) for item in value]
-        return (
-            value
-            if all(new is old for new, old in zip(items, value))
-            else type(value)(items)
-        )
+        return value if all(new is old for new, old in zip(items, value)) else type(value)(items)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         changes = {}
         for name in _init_fields(type(value)):
@@ -260,10 +235,7 @@ def with_notice_text(text, alert):
     failed, suspicious = unreported(alert, text)
     if not (failed or suspicious):
         return text
-    return (
-        _render_notice(NOTICE_TEXT, html=False, failed=failed, suspicious=suspicious)
-        + text
-    )
+    return _render_notice(NOTICE_TEXT, html=False, failed=failed, suspicious=suspicious) + text
 
 
 def with_notice_html(html, alert):
@@ -271,14 +243,10 @@ def with_notice_html(html, alert):
     if not (alert.failed_sources or alert.suspicious):
         return html
     # Tags out, entities decoded: enough to see whether a text is shown, and linear (a parser is not, at 10,000 rows).
-    failed, suspicious = unreported(
-        alert, htmllib.unescape(re.sub(r"<[^>]*>", " ", html))
-    )
+    failed, suspicious = unreported(alert, htmllib.unescape(re.sub(r"<[^>]*>", " ", html)))
     if not (failed or suspicious):
         return html
-    notice = _render_notice(
-        NOTICE_HTML, html=True, failed=failed, suspicious=suspicious
-    )
+    notice = _render_notice(NOTICE_HTML, html=True, failed=failed, suspicious=suspicious)
     at = 0
     for opening in (r"<body\b[^>]*>", r"</head\s*>", r"<html\b[^>]*>"):
         # Values are escaped, so the first such tag is the template's own.
@@ -296,24 +264,14 @@ def unreported(alert, shown):
     def missing(*texts):
         return any(" ".join(text.split()) not in shown for text in texts)
 
-    failed = (
-        alert.failed_sources
-        if any(missing(f.part, f.reason) for f in alert.failed_sources)
-        else []
-    )
-    suspicious = (
-        alert.suspicious
-        if any(missing(s.name, s.reason) for s in alert.suspicious)
-        else []
-    )
+    failed = alert.failed_sources if any(missing(f.part, f.reason) for f in alert.failed_sources) else []
+    suspicious = alert.suspicious if any(missing(s.name, s.reason) for s in alert.suspicious) else []
     return list(failed), list(suspicious)
 
 
 def _render_notice(name, html, failed, suspicious):
     environment = _environment(_package_loader(), html=html, strict=True)
-    return _render(
-        environment, name, {"failed_sources": failed, "suspicious": suspicious}
-    )
+    return _render(environment, name, {"failed_sources": failed, "suspicious": suspicious})
 
 
 # ---------------------------------------------------------------- filters
@@ -345,14 +303,8 @@ def legacy_epn_details(alert):
     for item in alert.unknown:
         for visit in item.visits:
             person = visit.principal_scientist
-            principal = (
-                f"{person.first_names} {person.last_name} {person.email}"
-                if person
-                else "not listed"
-            )
-            scientists = [
-                [p.first_names, p.last_name, p.email] for p in visit.data_scientists
-            ]
+            principal = f"{person.first_names} {person.last_name} {person.email}" if person else "not listed"
+            scientists = [[p.first_names, p.last_name, p.email] for p in visit.data_scientists]
             blocks.append(
                 f"Epn {item.epn} on {visit.start.isoformat() if visit.start else UNKNOWN} is not known.\n"
                 f"Principal scientist: {principal}\n"
@@ -375,23 +327,16 @@ def text_table(rows, headers=None):
         return ""
     columns = max([len(row) for row in rows] + [len(headers or [])])
     widths = [
-        max(
-            [len(row[index]) for row in rows if index < len(row)]
-            + [len(headers[index]) if headers else 0]
-        )
+        max([len(row[index]) for row in rows if index < len(row)] + [len(headers[index]) if headers else 0])
         for index in range(columns)
     ]
 
     def line(cells):
-        return "  ".join(
-            cell.ljust(width) for cell, width in zip(cells, widths)
-        ).rstrip()
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
 
     rule = "  ".join("-" * width for width in widths)
     body = [line(row) for row in rows]
-    return "\n".join(
-        [line(headers), rule] + body if headers else [rule] + body + [rule]
-    )
+    return "\n".join([line(headers), rule] + body if headers else [rule] + body + [rule])
 
 
 # ---------------------------------------------------------------- text from HTML
@@ -426,9 +371,7 @@ def html_to_text(html):
     preformatted = []
     for tag in page.find_all("pre"):
         preformatted.append(tag.get_text().strip("\n"))
-        tag.replace_with(
-            f"{BLOCK_BREAK * 2}\x00{len(preformatted) - 1}\x00{BLOCK_BREAK * 2}"
-        )
+        tag.replace_with(f"{BLOCK_BREAK * 2}\x00{len(preformatted) - 1}\x00{BLOCK_BREAK * 2}")
     for tag in page.find_all("a"):
         href = tag.get("href", "").removeprefix("mailto:")
         text = tag.get_text(" ", strip=True)
@@ -442,16 +385,11 @@ def html_to_text(html):
     for table in page.find_all("table"):
         if table.find_parent("table") is None:
             rows = [
-                [
-                    _cell_text(cell)
-                    for cell in row.find_all(["th", "td"], recursive=False)
-                ]
+                [_cell_text(cell) for cell in row.find_all(["th", "td"], recursive=False)]
                 for row in table.find_all("tr")
             ]
             table.replace_with(
-                BLOCK_BREAK * 2
-                + BLOCK_BREAK.join(" | ".join(cells) for cells in rows)
-                + BLOCK_BREAK * 2
+                BLOCK_BREAK * 2 + BLOCK_BREAK.join(" | ".join(cells) for cells in rows) + BLOCK_BREAK * 2
             )
     for tags, breaks in ((PARAGRAPH_TAGS, BLOCK_BREAK * 2), (LINE_TAGS, BLOCK_BREAK)):
         for tag in page.find_all(tags):
@@ -460,9 +398,7 @@ def html_to_text(html):
     text = page.get_text().replace(LINE_BREAK, "\n").replace(BLOCK_BREAK, "\n")
     text = "\n".join(line.strip() for line in text.splitlines())
     text = re.sub(r"\n{3,}", "\n\n", text).strip("\n")
-    text = re.sub(
-        r"\x00(\d+)\x00", lambda match: preformatted[int(match.group(1))], text
-    )
+    text = re.sub(r"\x00(\d+)\x00", lambda match: preformatted[int(match.group(1))], text)
     return text + "\n"
 
 

@@ -7,7 +7,6 @@ still counts. Only when nothing at all could be learnt does the caller give up.
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import List
 
 from mxsync.errors import PortalError, SftpError
 
@@ -40,7 +39,7 @@ class Gathered:
     sftp_folders: dict = field(default_factory=dict)  # EPN -> [source paths it was listed under]
     visits: list = field(default_factory=list)  # mxsync.portal.Visit
     suspicious: list = field(default_factory=list)  # mxsync.portal.Suspicious
-    failures: List[SourceFailure] = field(default_factory=list)
+    failures: list[SourceFailure] = field(default_factory=list)
     sftp_parts_ok: int = 0
     portal_parts_ok: int = 0
 
@@ -92,7 +91,7 @@ def _list_sftp(config, gathered):
 def _without_prefix(error, client):
     """The SFTP error without its 'SFTP host:port: ' prefix, which the failure's own label already gives."""
     text, prefix = str(error), f"SFTP {client.where}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _ask_portal(config, gathered):
@@ -109,4 +108,10 @@ def _ask_portal(config, gathered):
         gathered.portal_parts_ok += 1
         gathered.visits += visits
         gathered.suspicious += suspicious
-        logger.info("Portal %s: %d visits from %s to %s", part, len(visits), gathered.window_start.date(), gathered.window_end.date())
+        logger.info(
+            "Portal %s: %d visits from %s to %s",
+            part,
+            len(visits),
+            gathered.window_start.date(),
+            gathered.window_end.date(),
+        )

@@ -39,7 +39,9 @@ def send_failure_alert(config, epns, sources):
         f"Log: {config.log_files.sync or 'the service journal'}",
     ]
     what = ", ".join([*sorted(sources), *sorted(epns)])
-    subject = f"mxsync: failing for {config.failure_alert_cycles}+ cycles: {what}" if epns else f"mxsync: {what} failing"
+    subject = (
+        f"mxsync: failing for {config.failure_alert_cycles}+ cycles: {what}" if epns else f"mxsync: {what} failing"
+    )
     message = build_message(subject, config.email_from, config.mxsync_email_to, "\n".join(lines) + "\n")
     try:
         answer = send_message(config.smtp, message, config.mxsync_email_to)

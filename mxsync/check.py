@@ -15,7 +15,9 @@ def run_check(config_path, connect=False):
     config = load_config(config_path)
     for warning in config.warnings:
         print(f"warning {warning}", file=sys.stderr)
-    print(f"ok      config {config.path}: {len(config.equipment)} equipment, {len(config.epn_cap_map)} mapped EPN numbers")
+    print(
+        f"ok      config {config.path}: {len(config.equipment)} equipment, {len(config.epn_cap_map)} mapped EPN numbers"
+    )
     problem = protected_home_problem()
     if problem:
         print(f"warning {problem}")
@@ -36,11 +38,14 @@ def run_check(config_path, connect=False):
 def _probes(config):
     """Yield (name, callable) for every check; each callable returns a detail or raises MxsyncError."""
     from epnalert.render import check_templates
-    from mxsync import destination, mail, rsync, state
+    from mxsync import destination, rsync, state
     from mxsync.portal import PortalClient
     from mxsync.sftp import SftpClient
 
-    yield "ignore file", lambda: f"{config.ignore_file}: {len(state.IgnoreFile(config.ignore_file).load())} EPNs recorded"
+    yield (
+        "ignore file",
+        lambda: f"{config.ignore_file}: {len(state.IgnoreFile(config.ignore_file).load())} EPNs recorded",
+    )
     for key, path in (("key-file", config.key_file), ("known-hosts", config.known_hosts)):
         if path is not None:
             yield key, lambda path=path, key=key: _readable(key, path)
@@ -54,7 +59,10 @@ def _probes(config):
             yield f"log file {key}", lambda path=path: _appendable(path)
     yield "destination", lambda: destination.check_destination_root(config) or str(config.destination_root)
     for project in sorted({project for project in config.epn_cap_map.values() if project}):
-        yield f"project folder {project}", lambda project=project: _writable_folder(config.destination_root / project, create=False)
+        yield (
+            f"project folder {project}",
+            lambda project=project: _writable_folder(config.destination_root / project, create=False),
+        )
 
     def list_sources():
         with SftpClient(config) as client:
@@ -64,7 +72,10 @@ def _probes(config):
     yield f"SSH login and SFTP listing on {config.ssh_target}:{config.port}", list_sources
     yield f"shared ssh connection to {config.ssh_target}", lambda: _shared_connection(config)
     for path in config.source_paths:
-        yield f"rsync over ssh {config.ssh_target}:{path}", lambda path=path: rsync.RsyncRunner(config).check_listing(path)
+        yield (
+            f"rsync over ssh {config.ssh_target}:{path}",
+            lambda path=path: rsync.RsyncRunner(config).check_listing(path),
+        )
     portal = PortalClient(config)
     for equipment in config.equipment:
         yield f"portal token for equipment {equipment.id}", lambda equipment=equipment: portal.check_token(equipment)
@@ -135,4 +146,4 @@ def _smtp(smtp):
     except MxsyncError as error:
         text = str(error)
         where = f"SMTP server {smtp.host}:{smtp.port}"
-        raise MxsyncError(text[len(where):].lstrip(": ") if text.startswith(where) else text) from None
+        raise MxsyncError(text[len(where) :].lstrip(": ") if text.startswith(where) else text) from None

@@ -23,7 +23,9 @@ def build_parser():
     run = commands.add_parser("run", help="sync finished visits, every sync-frequency-hours (default command)")
     add_config_argument(run)
     run.add_argument("--execute", action="store_true", help="really transfer and record; without it, a dry run")
-    run.add_argument("--once", action="store_true", help="run one cycle and exit: 0 if all planned EPNs synced, 1 if not")
+    run.add_argument(
+        "--once", action="store_true", help="run one cycle and exit: 0 if all planned EPNs synced, 1 if not"
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="log to the terminal at the configured level")
 
     check = commands.add_parser("check", help="validate the config; with --connect also try every connection")

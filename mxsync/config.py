@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import yaml
 
@@ -81,7 +81,7 @@ class Config:
     epn_cap_map: dict
     ignore_file: Path
     state_dir: Path
-    equipment: Tuple[Equipment, ...]
+    equipment: tuple[Equipment, ...]
     base_url: str
     host: str
     username: Optional[str]
@@ -98,10 +98,10 @@ class Config:
     portal_retry_delay: float
     portal_time_format: str
     # Addresses as headers show them ('Staff <s@x.edu>' or 's@x.edu'); smtplib puts the bare ones in the envelope.
-    email_to: Tuple[str, ...]
+    email_to: tuple[str, ...]
     email_from: str
     smtp: SmtpSettings
-    mxsync_email_to: Tuple[str, ...]
+    mxsync_email_to: tuple[str, ...]
     template_folder: Optional[Path]
     template_text: Optional[str]
     template_html: Optional[str]
@@ -112,7 +112,7 @@ class Config:
     destination_must_be_mount_point: bool
     sync_frequency_hours: float
     max_tasks: int
-    rsync_options: Tuple[str, ...]
+    rsync_options: tuple[str, ...]
     rsync_bwlimit: Optional[str]
     rsync_io_timeout: int
     rsync_retries: int
@@ -123,7 +123,7 @@ class Config:
     log_files: LogFiles
     log_max_bytes: int
     log_backup_count: int
-    warnings: Tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     def project_for(self, epn_number):
         """Given an EPN number such as '12282', return its project folder or None if unmapped."""
@@ -242,7 +242,9 @@ def _addresses(text, expected):
     addresses = []
     for name, address in pairs:
         if EMAIL_PATTERN.fullmatch(address) is None or address not in text:
-            raise _Invalid(f"expected {expected}, got {describe(text)}, in which {describe(address or name)} is not an email address")
+            raise _Invalid(
+                f"expected {expected}, got {describe(text)}, in which {describe(address or name)} is not an email address"
+            )
         addresses.append(str(Address(display_name=name, addr_spec=address)))
     if not addresses:
         raise _expected(expected, text)
@@ -286,7 +288,7 @@ def _log_level(value):
         return value
     if isinstance(value, str):
         name = value.strip().upper()
-        name = name[len("LOGGING."):] if name.startswith("LOGGING.") else name
+        name = name[len("LOGGING.") :] if name.startswith("LOGGING.") else name
         name = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(name, name)
         if name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             return getattr(logging, name)
@@ -328,8 +330,14 @@ TOP_LEVEL = {
     "base-url": (_pattern(re.compile(r"https?://[^\s/]+(/\S*)?"), "an http:// or https:// URL"), REQUIRED),
     "beamline": (_pattern(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*"), "a beamline name such as 'mx'"), None),
     "host": (_pattern(HOST_PATTERN, "a host name or address"), REQUIRED),
-    "username": (_pattern(USERNAME_PATTERN, "a login name such as help@massive.org.au (letters, digits, '_', '.', '-', '@'; "
-                                            "starting with a letter, digit or '_')"), None),
+    "username": (
+        _pattern(
+            USERNAME_PATTERN,
+            "a login name such as help@massive.org.au (letters, digits, '_', '.', '-', '@'; "
+            "starting with a letter, digit or '_')",
+        ),
+        None,
+    ),
     "port": (_integer(1, 65535), 22),
     "key-file": (_string, None),
     "known-hosts": (_string, None),
@@ -450,7 +458,12 @@ ALLOWED_RSYNC_OPTIONS = {
     "--ipv4": ("4", None),
     "--ipv6": ("6", None),
 }
-RSYNC_OPTION_ALIASES = {"--zc": "--compress-choice", "--zl": "--compress-level", "--cc": "--checksum-choice", "--no-W": "--no-whole-file"}
+RSYNC_OPTION_ALIASES = {
+    "--zc": "--compress-choice",
+    "--zl": "--compress-level",
+    "--cc": "--checksum-choice",
+    "--no-W": "--no-whole-file",
+}
 ALLOWED_RSYNC_SHORT = {short: name for name, (short, _) in ALLOWED_RSYNC_OPTIONS.items() if short}
 ALLOWED_RSYNC_SUMMARY = "allowed: " + ", ".join(
     (f"-{short}/" if short else "") + name + ("" if check is None else "=")
@@ -459,46 +472,200 @@ ALLOWED_RSYNC_SUMMARY = "allowed: " + ", ".join(
 
 # Why well-known options are refused, for a message that says more than "not allowed".
 _RSYNC_REFUSALS = (
-    ("deletes files; nothing mxsync runs deletes, at the destination or at the facility",
-     ("--del", "--remove-source-files", "--remove-sent-files", "--max-delete", "--force", "--ignore-errors")),
-    ("changes how rsync reaches or runs on the facility, which mxsync sets itself",
-     ("-e", "--rsh", "--rsync-path", "-M", "--remote-option", "--port", "--sockopts", "--address", "--blocking-io",
-      "--password-file", "--early-input", "--contimeout", "--no-motd", "-s", "--protect-args", "--secluded-args",
-      "--old-args", "--trust-sender", "--copy-as", "--server", "--sender", "--daemon", "--config", "--dparam")),
-    ("does not transfer: mxsync decides itself when a run is a dry run",
-     ("-n", "--dry-run", "--list-only", "--write-batch", "--only-write-batch", "--read-batch")),
-    ("changes rsync's output, which mxsync reads to learn which files arrived",
-     ("-v", "--verbose", "-q", "--quiet", "-h", "--human-readable", "-i", "--itemize-changes", "--out-format",
-      "--log-format", "--info", "--debug", "--progress", "-P", "--stats", "-8", "--8-bit-output", "--msgs2stderr",
-      "--stderr", "--outbuf", "--log-file", "--log-file-format")),
-    ("changes which files are compared or sent, so an EPN could be recorded as synced without all its files",
-     ("--exclude", "--include", "--filter", "-f", "-F", "--exclude-from", "--include-from", "--files-from", "-0",
-      "--from0", "-C", "--cvs-exclude", "--max-size", "--min-size", "--existing", "--ignore-existing",
-      "--ignore-non-existing", "-u", "--update", "-x", "--one-file-system", "-m", "--prune-empty-dirs",
-      "--compare-dest", "--copy-dest", "--link-dest", "--ignore-missing-args", "--stop-after", "--stop-at",
-      "--time-limit", "-c", "--checksum", "-I", "--ignore-times", "--modify-window", "-@", "--append",
-      "--append-verify")),
-    (("changes how or where files are written; mxsync lets rsync write each file under a temporary name "
-      "and rename it when complete"),
-     ("--partial-dir", "-T", "--temp-dir", "--delay-updates", "-b", "--backup", "--backup-dir", "--suffix",
-      "-R", "--relative", "--mkpath", "-K", "--keep-dirlinks", "-y", "--fuzzy", "--write-devices")),
-    ("copies ownership, links, devices or other attributes, which mxsync sets by its own rules",
-     ("-a", "--archive", "-o", "--owner", "-g", "--group", "--chown", "--usermap", "--groupmap", "--chmod", "-D",
-      "--devices", "--specials", "--copy-devices", "-A", "--acls", "-X", "--xattrs", "-E", "--executability",
-      "--super", "--fake-super", "-U", "--atimes", "-N", "--crtimes", "-H", "--hard-links", "-l", "--links",
-      "-L", "--copy-links", "--copy-unsafe-links", "--safe-links", "--munge-links", "-k", "--copy-dirlinks",
-      "-J", "--omit-link-times", "--no-perms", "--no-p", "--no-times", "--no-t", "--no-recursive", "--no-r")),
+    (
+        "deletes files; nothing mxsync runs deletes, at the destination or at the facility",
+        ("--del", "--remove-source-files", "--remove-sent-files", "--max-delete", "--force", "--ignore-errors"),
+    ),
+    (
+        "changes how rsync reaches or runs on the facility, which mxsync sets itself",
+        (
+            "-e",
+            "--rsh",
+            "--rsync-path",
+            "-M",
+            "--remote-option",
+            "--port",
+            "--sockopts",
+            "--address",
+            "--blocking-io",
+            "--password-file",
+            "--early-input",
+            "--contimeout",
+            "--no-motd",
+            "-s",
+            "--protect-args",
+            "--secluded-args",
+            "--old-args",
+            "--trust-sender",
+            "--copy-as",
+            "--server",
+            "--sender",
+            "--daemon",
+            "--config",
+            "--dparam",
+        ),
+    ),
+    (
+        "does not transfer: mxsync decides itself when a run is a dry run",
+        ("-n", "--dry-run", "--list-only", "--write-batch", "--only-write-batch", "--read-batch"),
+    ),
+    (
+        "changes rsync's output, which mxsync reads to learn which files arrived",
+        (
+            "-v",
+            "--verbose",
+            "-q",
+            "--quiet",
+            "-h",
+            "--human-readable",
+            "-i",
+            "--itemize-changes",
+            "--out-format",
+            "--log-format",
+            "--info",
+            "--debug",
+            "--progress",
+            "-P",
+            "--stats",
+            "-8",
+            "--8-bit-output",
+            "--msgs2stderr",
+            "--stderr",
+            "--outbuf",
+            "--log-file",
+            "--log-file-format",
+        ),
+    ),
+    (
+        "changes which files are compared or sent, so an EPN could be recorded as synced without all its files",
+        (
+            "--exclude",
+            "--include",
+            "--filter",
+            "-f",
+            "-F",
+            "--exclude-from",
+            "--include-from",
+            "--files-from",
+            "-0",
+            "--from0",
+            "-C",
+            "--cvs-exclude",
+            "--max-size",
+            "--min-size",
+            "--existing",
+            "--ignore-existing",
+            "--ignore-non-existing",
+            "-u",
+            "--update",
+            "-x",
+            "--one-file-system",
+            "-m",
+            "--prune-empty-dirs",
+            "--compare-dest",
+            "--copy-dest",
+            "--link-dest",
+            "--ignore-missing-args",
+            "--stop-after",
+            "--stop-at",
+            "--time-limit",
+            "-c",
+            "--checksum",
+            "-I",
+            "--ignore-times",
+            "--modify-window",
+            "-@",
+            "--append",
+            "--append-verify",
+        ),
+    ),
+    (
+        (
+            "changes how or where files are written; mxsync lets rsync write each file under a temporary name "
+            "and rename it when complete"
+        ),
+        (
+            "--partial-dir",
+            "-T",
+            "--temp-dir",
+            "--delay-updates",
+            "-b",
+            "--backup",
+            "--backup-dir",
+            "--suffix",
+            "-R",
+            "--relative",
+            "--mkpath",
+            "-K",
+            "--keep-dirlinks",
+            "-y",
+            "--fuzzy",
+            "--write-devices",
+        ),
+    ),
+    (
+        "copies ownership, links, devices or other attributes, which mxsync sets by its own rules",
+        (
+            "-a",
+            "--archive",
+            "-o",
+            "--owner",
+            "-g",
+            "--group",
+            "--chown",
+            "--usermap",
+            "--groupmap",
+            "--chmod",
+            "-D",
+            "--devices",
+            "--specials",
+            "--copy-devices",
+            "-A",
+            "--acls",
+            "-X",
+            "--xattrs",
+            "-E",
+            "--executability",
+            "--super",
+            "--fake-super",
+            "-U",
+            "--atimes",
+            "-N",
+            "--crtimes",
+            "-H",
+            "--hard-links",
+            "-l",
+            "--links",
+            "-L",
+            "--copy-links",
+            "--copy-unsafe-links",
+            "--safe-links",
+            "--munge-links",
+            "-k",
+            "--copy-dirlinks",
+            "-J",
+            "--omit-link-times",
+            "--no-perms",
+            "--no-p",
+            "--no-times",
+            "--no-t",
+            "--no-recursive",
+            "--no-r",
+        ),
+    ),
     ("is set by mxsync already", ("-r", "--recursive", "-t", "--times", "-p", "--perms", "--partial", "--size-only")),
 )
 RSYNC_REFUSAL_REASONS = {name: reason for reason, names in _RSYNC_REFUSALS for name in names}
-RSYNC_REFUSAL_REASONS.update({
-    "--timeout": "is set by mxsync from the key rsync-io-timeout; set that key instead",
-    "--iconv": "converts file names, so the names at the destination could differ from the facility's",
-    "--inplace": "writes into the file under its final name, so a reader or an interrupted run sees old and new "
-                 "content mixed; mxsync lets rsync write a temporary file and rename it when complete",
-    "--preallocate": "gives an unfinished file its full size at once, so an interrupted file would pass "
-                     "mxsync's size checks as complete",
-})
+RSYNC_REFUSAL_REASONS.update(
+    {
+        "--timeout": "is set by mxsync from the key rsync-io-timeout; set that key instead",
+        "--iconv": "converts file names, so the names at the destination could differ from the facility's",
+        "--inplace": "writes into the file under its final name, so a reader or an interrupted run sees old and new "
+        "content mixed; mxsync lets rsync write a temporary file and rename it when complete",
+        "--preallocate": "gives an unfinished file its full size at once, so an interrupted file would pass "
+        "mxsync's size checks as complete",
+    }
+)
 
 
 def _rsync_refusal(name):
@@ -512,8 +679,10 @@ def rsync_option_problem(option):
     if not isinstance(option, str) or not option.startswith("-") or option in ("-", "--"):
         return f"expected an rsync option such as --compress, got {describe(option)}"
     if any(char.isspace() or not char.isprintable() for char in option):
-        return (f"{describe(option)} holds whitespace or a control character; "
-                "give each option as its own list item, with its value after '=' (--bwlimit=50M)")
+        return (
+            f"{describe(option)} holds whitespace or a control character; "
+            "give each option as its own list item, with its value after '=' (--bwlimit=50M)"
+        )
     if not option.startswith("--"):
         for letter in option[1:]:
             if letter not in ALLOWED_RSYNC_SHORT:
@@ -707,10 +876,15 @@ def _check_cap_map(raw_map, collector):
             collector.problem(key_path, f"expected an EPN number (digits only, e.g. '12282'), got {describe(number)}")
         elif project is None:
             # HPC ASSyncy treated an entry without a folder as unmapped; a placeholder must not stop every sync.
-            collector.warning(key_path, "no project folder given, so its EPNs are treated as unmapped: not synced, "
-                                        "and listed by epnalert; add the folder name")
+            collector.warning(
+                key_path,
+                "no project folder given, so its EPNs are treated as unmapped: not synced, "
+                "and listed by epnalert; add the folder name",
+            )
         elif not is_project(project):
-            collector.problem(key_path, f"expected a project folder name (letters, digits, '_.+-'), got {describe(project)}")
+            collector.problem(
+                key_path, f"expected a project folder name (letters, digits, '_.+-'), got {describe(project)}"
+            )
         else:
             cap_map[str(number)] = project
     return cap_map
@@ -727,7 +901,10 @@ def _check_equipment(values, collector):
     for index, entry in enumerate(raw):
         prefix = f"equipment[{index}]"
         if not isinstance(entry, dict):
-            collector.problem(prefix, f"expected a mapping with id, username, password, client_name, client_password, got {describe(entry)}")
+            collector.problem(
+                prefix,
+                f"expected a mapping with id, username, password, client_name, client_password, got {describe(entry)}",
+            )
             continue
         fields = collector.convert(entry, EQUIPMENT_KEYS, prefix + ".")
         beamline = fields["beamline"] or values["beamline"]
@@ -783,7 +960,9 @@ def _check_log_files(raw, collector, resolve):
     for key in raw:
         if key not in LOG_FILE_KEYS:
             close = difflib.get_close_matches(str(key), LOG_FILE_KEYS, n=1)
-            collector.warning(f"log-files.{key}", "unknown key" + (f"; did you mean '{close[0]}'?" if close else " and is ignored"))
+            collector.warning(
+                f"log-files.{key}", "unknown key" + (f"; did you mean '{close[0]}'?" if close else " and is ignored")
+            )
     return LogFiles(**paths)
 
 
@@ -792,9 +971,13 @@ def _check_smtp(values, collector):
     security = values["epnalert-email-smtp-security"]
     username, password = values["epnalert-email-smtp-username"], values["epnalert-email-smtp-password"]
     if bool(username) != bool(password):
-        collector.problem("epnalert-email-smtp-password", "set both epnalert-email-smtp-username and -password, or neither")
+        collector.problem(
+            "epnalert-email-smtp-password", "set both epnalert-email-smtp-username and -password, or neither"
+        )
     if username and security == "none" and host not in ("localhost", "127.0.0.1", "::1"):
-        collector.warning("epnalert-email-smtp-security", "an SMTP password would be sent unencrypted; set starttls or ssl")
+        collector.warning(
+            "epnalert-email-smtp-security", "an SMTP password would be sent unencrypted; set starttls or ssl"
+        )
     default_port = {"none": 25, "starttls": 587, "ssl": 465}[security]
     return SmtpSettings(host, port or default_port, security, username, password, values["epnalert-email-smtp-timeout"])
 
@@ -804,11 +987,15 @@ def _check_ssh_file(key, path, values, collector):
     if path is None:
         return
     if key == "key-file":
-        advice = ("set key-file to the private SSH key of the facility login, readable by the account that runs "
-                  "mxsync, or remove the key to let ssh use that account's own keys")
+        advice = (
+            "set key-file to the private SSH key of the facility login, readable by the account that runs "
+            "mxsync, or remove the key to let ssh use that account's own keys"
+        )
     else:
-        advice = (f"create it with 'ssh-keyscan -p {values['port']} {values['host']} > {path}', compare the fingerprints "
-                  "with the facility's, and make it readable by the account that runs mxsync")
+        advice = (
+            f"create it with 'ssh-keyscan -p {values['port']} {values['host']} > {path}', compare the fingerprints "
+            "with the facility's, and make it readable by the account that runs mxsync"
+        )
     try:
         info = path.stat()
         if not stat.S_ISREG(info.st_mode):
@@ -821,15 +1008,21 @@ def _check_ssh_file(key, path, values, collector):
         return
     # ssh refuses a private key of its own user that others may read ("UNPROTECTED PRIVATE KEY FILE").
     if key == "key-file" and info.st_uid == os.getuid() and info.st_mode & 0o077:
-        collector.problem(key, f"{path}: mode {stat.S_IMODE(info.st_mode):o} lets others read the key, so ssh refuses it; "
-                               f"run: chmod 600 {path}")
+        collector.problem(
+            key,
+            f"{path}: mode {stat.S_IMODE(info.st_mode):o} lets others read the key, so ssh refuses it; "
+            f"run: chmod 600 {path}",
+        )
 
 
 def _check_waiting_for_data(values, collector):
     hours, days = values["waiting-for-data-alert-hours"], values["visit-day-range"]
     if hours is not None and days is not None and hours > days * 24:
-        collector.warning("waiting-for-data-alert-hours", f"{hours:g} hours is beyond visit-day-range ({days} days), "
-                          "whose visits are the only ones looked at, so this alert would never come")
+        collector.warning(
+            "waiting-for-data-alert-hours",
+            f"{hours:g} hours is beyond visit-day-range ({days} days), "
+            "whose visits are the only ones looked at, so this alert would never come",
+        )
 
 
 def _warn_if_readable_by_others(path, holds_passwords, collector):
@@ -838,4 +1031,7 @@ def _warn_if_readable_by_others(path, holds_passwords, collector):
     except OSError:
         return
     if holds_passwords and mode & (stat.S_IRWXG | stat.S_IRWXO):
-        collector.warning("(file)", f"holds passwords but is readable by group or others (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}")
+        collector.warning(
+            "(file)",
+            f"holds passwords but is readable by group or others (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}",
+        )

@@ -55,9 +55,20 @@ class Master:
         self._stderr = tempfile.TemporaryFile()
         try:
             self.process = supervisor.start(
-                [*ssh_arguments, "-o", "ControlMaster=yes", "-o", f"ControlPath={control_path}",
-                 "-o", "ControlPersist=no", "-N", target],
-                "shared ssh connection", stdout=subprocess.DEVNULL, stderr=self._stderr,
+                [
+                    *ssh_arguments,
+                    "-o",
+                    "ControlMaster=yes",
+                    "-o",
+                    f"ControlPath={control_path}",
+                    "-o",
+                    "ControlPersist=no",
+                    "-N",
+                    target,
+                ],
+                "shared ssh connection",
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
             )
         except BaseException:
             self._stderr.close()
@@ -138,7 +149,9 @@ class SharedConnection:
         if reason is not None:
             logger.warning(
                 "Only %d of %d shared ssh connections started (%s); the other transfers use their own connections",
-                len(self.masters), masters_needed(self.max_tasks), reason,
+                len(self.masters),
+                masters_needed(self.max_tasks),
+                reason,
             )
         return None
 
@@ -162,8 +175,10 @@ class SharedConnection:
 
     def failed_session(self, what, finished):
         """Log that a session over a master failed at the ssh level; the caller retries over its own connection."""
-        self._warn_once(f"{what}: the shared ssh connection failed ({ssh_failure('ssh', finished)}); "
-                        "retrying over a connection of its own")
+        self._warn_once(
+            f"{what}: the shared ssh connection failed ({ssh_failure('ssh', finished)}); "
+            "retrying over a connection of its own"
+        )
 
     def close(self):
         for master in self.masters:

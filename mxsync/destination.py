@@ -61,7 +61,9 @@ def _project_folder(root, project):
     target = root / project
     resolved = Path(os.path.realpath(target))
     if resolved != target and root not in resolved.parents:
-        raise UnsafeNameError(f"{target} resolves to {resolved}, outside destination-root-path {root}; refusing to write there")
+        raise UnsafeNameError(
+            f"{target} resolves to {resolved}, outside destination-root-path {root}; refusing to write there"
+        )
     return resolved
 
 

@@ -11,9 +11,7 @@ PROTECTED_HOME_DIRS = (
 )
 
 
-def protected_home_problem(
-    executable=sys.executable, prefix=sys.prefix, base_prefix=sys.base_prefix
-):
+def protected_home_problem(executable=sys.executable, prefix=sys.prefix, base_prefix=sys.base_prefix):
     """Return a one-line message if this Python or its venv lies where ProtectHome=yes hides it, else None.
 
     base_prefix is where the interpreter really lives (a venv's pyvenv.cfg names it), so a pyenv

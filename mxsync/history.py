@@ -100,12 +100,18 @@ class History:
             if error is None:
                 self.data["sources"].pop(source, None)
             else:
-                entry = self.data["sources"].setdefault(source, {"failures": 0, "alerted": False, "since": utc_now_text()})
+                entry = self.data["sources"].setdefault(
+                    source, {"failures": 0, "alerted": False, "since": utc_now_text()}
+                )
                 entry.update(failures=entry["failures"] + 1, last_error=error, last_attempt=utc_now_text())
 
     def due_alerts(self, threshold, immediate=("destination",)):
         """Return (EPN entries, source entries) that reached their threshold and were not alerted yet."""
-        epns = {epn: entry for epn, entry in self.data["epns"].items() if entry["failures"] >= threshold and not entry.get("alerted")}
+        epns = {
+            epn: entry
+            for epn, entry in self.data["epns"].items()
+            if entry["failures"] >= threshold and not entry.get("alerted")
+        }
         sources = {
             name: entry
             for name, entry in self.data["sources"].items()

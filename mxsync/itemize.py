@@ -113,7 +113,7 @@ def _split_link(text, target_length):
     """Split 'name -> target' at the arrow whose target has the length rsync reported (names may hold ' -> ')."""
     position = text.rfind(LINK_ARROW)
     while position > 0:
-        target = _unescape(text[position + len(LINK_ARROW):])
+        target = _unescape(text[position + len(LINK_ARROW) :])
         if len(target) == target_length:
             return os.fsdecode(_unescape(text[:position])), os.fsdecode(target)
         position = text.rfind(LINK_ARROW, 0, position)

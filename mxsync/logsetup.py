@@ -48,7 +48,9 @@ class SecretMasker(logging.Filter):
 masker = SecretMasker()
 
 
-def setup_logging(level, log_file=None, extra_files=(), max_bytes=0, backup_count=5, secrets=(), dry_run=False, verbose=False):
+def setup_logging(
+    level, log_file=None, extra_files=(), max_bytes=0, backup_count=5, secrets=(), dry_run=False, verbose=False
+):
     """Given the configured level and files, route logs: files get everything at `level`, the console less under cron.
 
     `extra_files` is a list of (logger name, path) for dedicated logs such as the email log.

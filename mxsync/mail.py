@@ -50,9 +50,7 @@ def _session(smtp):
     # One verifying context for SSL and STARTTLS alike: the system's trust store, or SSL_CERT_FILE/SSL_CERT_DIR.
     context = ssl.create_default_context()
     if smtp.security == "ssl":
-        server = smtplib.SMTP_SSL(
-            smtp.host, smtp.port, timeout=smtp.timeout, context=context
-        )
+        server = smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=smtp.timeout, context=context)
     else:
         server = smtplib.SMTP(smtp.host, smtp.port, timeout=smtp.timeout)
     with server:
@@ -81,13 +79,9 @@ def _reported(smtp, doing, refusal):
             f"{where} refused the login ({error.smtp_code}); check epnalert-email-smtp-username/-password"
         ) from None
     except smtplib.SMTPResponseException as error:
-        raise MailError(
-            f"{where} {refusal}: {error.smtp_code} {_text(error.smtp_error)}"
-        ) from None
+        raise MailError(f"{where} {refusal}: {error.smtp_code} {_text(error.smtp_error)}") from None
     except smtplib.SMTPRecipientsRefused as error:
-        raise MailError(
-            f"{where} refused the recipients {', '.join(error.recipients)}"
-        ) from None
+        raise MailError(f"{where} refused the recipients {', '.join(error.recipients)}") from None
     except (smtplib.SMTPException, OSError) as error:
         raise MailError(f"{where}: {doing}: {error or type(error).__name__}") from None
 
@@ -95,9 +89,7 @@ def _reported(smtp, doing, refusal):
 def _send(server, message, recipients):
     """Run MAIL, RCPT and DATA ourselves so that the server's final answer can be logged."""
     payload = message.as_bytes(policy=SMTP_POLICY)
-    options = (
-        ["SMTPUTF8"] if server.has_extn("smtputf8") and not payload.isascii() else []
-    )
+    options = ["SMTPUTF8"] if server.has_extn("smtputf8") and not payload.isascii() else []
     code, answer = server.mail(message["From"], options)
     if code != 250:
         raise smtplib.SMTPSenderRefused(code, answer, message["From"])
@@ -106,9 +98,7 @@ def _send(server, message, recipients):
         code, answer = server.rcpt(recipient)
         accepted += code in (250, 251)
     if not accepted:
-        raise smtplib.SMTPRecipientsRefused(
-            {recipient: (code, answer) for recipient in recipients}
-        )
+        raise smtplib.SMTPRecipientsRefused({recipient: (code, answer) for recipient in recipients})
     code, answer = server.data(payload)
     if code != 250:
         raise smtplib.SMTPDataError(code, answer)
@@ -116,6 +106,4 @@ def _send(server, message, recipients):
 
 
 def _text(answer):
-    return (
-        answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)
-    )
+    return answer.decode("utf-8", "replace") if isinstance(answer, bytes) else str(answer)

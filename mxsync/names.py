@@ -24,17 +24,15 @@ def epn_number(epn):
 def check_epn(name, source):
     """Given a name from `source`, return it if it is a valid EPN, else raise UnsafeNameError."""
     if not is_epn(name):
-        raise UnsafeNameError(f"{source} gave {describe(name)}, which is not a valid EPN (digits then lower-case letters)")
+        raise UnsafeNameError(
+            f"{source} gave {describe(name)}, which is not a valid EPN (digits then lower-case letters)"
+        )
     return name
 
 
 def is_project(name):
     """Given any value, return True if it is a safe project folder name."""
-    return (
-        isinstance(name, str)
-        and PROJECT_PATTERN.fullmatch(name) is not None
-        and ".." not in name
-    )
+    return isinstance(name, str) and PROJECT_PATTERN.fullmatch(name) is not None and ".." not in name
 
 
 def describe(value, limit=60):

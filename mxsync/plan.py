@@ -13,7 +13,6 @@ decided here on each visit's own start and end, never on which query returned it
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import List
 
 from mxsync.destination import epn_destination
 from mxsync.errors import PortalError, UnsafeNameError
@@ -43,11 +42,11 @@ class Plan:
     """The outcome of planning one cycle; every EPN seen lands in exactly one list."""
 
     current_start: object
-    transfers: List[PlannedTransfer] = field(default_factory=list)
-    synced: List[str] = field(default_factory=list)
-    unmapped: List[str] = field(default_factory=list)
-    not_ended: List[str] = field(default_factory=list)
-    refused: List[str] = field(default_factory=list)
+    transfers: list[PlannedTransfer] = field(default_factory=list)
+    synced: list[str] = field(default_factory=list)
+    unmapped: list[str] = field(default_factory=list)
+    not_ended: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     refusals: dict = field(default_factory=dict)  # EPN -> why its destination is refused
     suspicious: list = field(default_factory=list)
 
@@ -88,8 +87,10 @@ def find_current_start(visits, now):
     within LONGEST_VISIT: nothing that ended after its start is synced until the portal says when it ended.
     """
     running = [
-        visit.start for visit in visits
-        if visit.start is not None and visit.start <= now + CURRENT_WINDOW
+        visit.start
+        for visit in visits
+        if visit.start is not None
+        and visit.start <= now + CURRENT_WINDOW
         and (visit.end >= now if visit.end is not None else visit.start >= now - LONGEST_VISIT)
     ]
     return min([now] + running)
@@ -144,4 +145,3 @@ def summarise(plan):
         f"{len(plan.transfers)} to sync, {len(plan.synced)} already synced, {len(plan.unmapped)} unmapped, "
         f"{len(plan.not_ended)} not ended, {len(plan.refused)} refused, {len(plan.suspicious)} suspicious"
     )
-

@@ -5,7 +5,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Optional, Tuple
+from typing import Optional
 
 import requests
 
@@ -42,7 +42,7 @@ class Visit:
     equipment_id: int
     beamline: str
     principal_scientist: Optional[Person]
-    data_scientists: Tuple[Person, ...]
+    data_scientists: tuple[Person, ...]
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,13 @@ class PortalClient:
                 delay = self.config.portal_retry_delay * 2 ** (attempt - 1)
                 # File only: if the retries fail, the error says so; under cron every console line becomes mail.
                 logger.warning(
-                    "Portal %s: %s: %s; retrying in %.1f s (%d/%d)", self.config.base_url, what, problem, delay, attempt, attempts - 1,
+                    "Portal %s: %s: %s; retrying in %.1f s (%d/%d)",
+                    self.config.base_url,
+                    what,
+                    problem,
+                    delay,
+                    attempt,
+                    attempts - 1,
                     extra=FILE_ONLY,
                 )
                 time.sleep(delay)
@@ -198,9 +204,7 @@ def parse_visits(raw_visits, equipment):
                 equipment_id=equipment.id,
                 beamline=equipment.beamline,
                 principal_scientist=_person(raw.get("principal_scientist")),
-                data_scientists=tuple(
-                    person for person in map(_person, raw.get("data_scientists") or []) if person
-                )
+                data_scientists=tuple(person for person in map(_person, raw.get("data_scientists") or []) if person)
                 if isinstance(raw.get("data_scientists"), (list, type(None)))
                 else (),
             )

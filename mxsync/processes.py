@@ -86,8 +86,11 @@ class ProcessSupervisor:
                 raise TransferStopped(f"{what}: not started, mxsync is stopping")
             try:
                 process = subprocess.Popen(
-                    arguments, stdin=subprocess.DEVNULL, start_new_session=True,
-                    preexec_fn=lambda: _die_with_parent(parent_pid), **popen_options,
+                    arguments,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    preexec_fn=lambda: _die_with_parent(parent_pid),
+                    **popen_options,
                 )
             except OSError as error:
                 raise ProcessStartError(f"{what}: cannot run {arguments[0]}: {error.strerror or error}") from None
@@ -213,7 +216,8 @@ def _failure(what, program, meanings, finished):
     prefix = f"{what}: " if what else ""
     return RsyncError(
         f"{prefix}{program} exit {returncode} ({meaning}): {tail_text(finished.stderr_tail)}",
-        returncode=returncode, transient=transient,
+        returncode=returncode,
+        transient=transient,
     )
 
 

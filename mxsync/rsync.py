@@ -103,7 +103,10 @@ class RsyncRunner:
                 raise ProcessStartError(f"cannot run {program}: not found in PATH ({os.environ.get('PATH', '')})")
         if self.config.ssh_connection_sharing and self.connection is None:
             connection = SharedConnection(
-                self.ssh_arguments(session_options=()), self.config.ssh_target, self.config.max_tasks, self.config.ssh_connect_timeout
+                self.ssh_arguments(session_options=()),
+                self.config.ssh_target,
+                self.config.max_tasks,
+                self.config.ssh_connect_timeout,
             )
             reason = connection.open()
             if reason is None:
@@ -117,7 +120,8 @@ class RsyncRunner:
 
     def _probe_login(self):
         finished = supervisor.run(
-            self.ssh_arguments() + [self.config.ssh_target, "true"], "ssh login",
+            self.ssh_arguments() + [self.config.ssh_target, "true"],
+            "ssh login",
             timeout=self.config.ssh_connect_timeout + 30,
         )
         if finished.returncode != 0:
@@ -136,8 +140,15 @@ class RsyncRunner:
         """List the top of a remote directory with rsync over ssh (for `mxsync check`); return a summary."""
         entries = []
         finished = self._run_rsync(
-            lambda options: ["rsync", "--list-only", "--rsh", rsh_string(self.ssh_arguments(options)), self._remote(source)],
-            f"listing {source}", entries.append,
+            lambda options: [
+                "rsync",
+                "--list-only",
+                "--rsh",
+                rsh_string(self.ssh_arguments(options)),
+                self._remote(source),
+            ],
+            f"listing {source}",
+            entries.append,
         )
         if finished.returncode != 0:
             raise rsync_failure(f"listing {source}", finished)
@@ -154,9 +165,17 @@ class RsyncRunner:
             return False
 
         finished = self._run_rsync(
-            lambda options: ["rsync", "--list-only", "--recursive", *PROBE_FILTERS,
-                             "--rsh", rsh_string(self.ssh_arguments(options)), self._remote(source)],
-            f"{epn}: looking for data", first_entry,
+            lambda options: [
+                "rsync",
+                "--list-only",
+                "--recursive",
+                *PROBE_FILTERS,
+                "--rsh",
+                rsh_string(self.ssh_arguments(options)),
+                self._remote(source),
+            ],
+            f"{epn}: looking for data",
+            first_entry,
         )
         if found:
             return "present"
@@ -171,9 +190,15 @@ class RsyncRunner:
         """Raise RsyncError if the folder holding the EPN folders is itself missing: the facility's problem."""
         parent = source.rstrip("/").rpartition("/")[0] or "/"
         finished = self._run_rsync(
-            lambda options: ["rsync", "--list-only", "--rsh", rsh_string(self.ssh_arguments(options)),
-                             f"{self.config.ssh_target}:{parent}/."],
-            f"listing {parent}", lambda _line: True,  # one entry is proof enough
+            lambda options: [
+                "rsync",
+                "--list-only",
+                "--rsh",
+                rsh_string(self.ssh_arguments(options)),
+                f"{self.config.ssh_target}:{parent}/.",
+            ],
+            f"listing {parent}",
+            lambda _line: True,  # one entry is proof enough
         )
         if finished.returncode != 0 and not finished.cut_short:
             raise rsync_failure(f"the facility's folder {parent}, which should hold the EPN folders", finished)
@@ -225,6 +250,8 @@ def rsh_string(arguments):
     quoted = []
     for argument in arguments:
         if "'" in argument or "\n" in argument:
-            raise RsyncError(f"cannot pass {argument!r} to rsync's remote shell: quotes and newlines are not allowed in paths")
+            raise RsyncError(
+                f"cannot pass {argument!r} to rsync's remote shell: quotes and newlines are not allowed in paths"
+            )
         quoted.append(f"'{argument}'" if (" " in argument or '"' in argument) else argument)
     return " ".join(quoted)

@@ -71,7 +71,9 @@ class Signals:
                     logger.info("Received SIGHUP: reloading the configuration")
                     self.reload_requested = True
                 elif self.stop.is_set():
-                    logger.warning("Received %s again: killing the running transfers", signal.Signals(signal_number).name)
+                    logger.warning(
+                        "Received %s again: killing the running transfers", signal.Signals(signal_number).name
+                    )
                     supervisor.kill_all()
                 else:
                     name = signal.Signals(signal_number).name
@@ -103,7 +105,9 @@ def run_service(config_path, execute, once, verbose=False):
     supervisor.reset()  # a previous run in this process (tests, bench) stopped it
     signals.install()
     notifier.ready("started" if execute else "started (dry run)")
-    logger.info("mxsync started (%s), config %s", "executing" if execute else "dry run, nothing is recorded", config.path)
+    logger.info(
+        "mxsync started (%s), config %s", "executing" if execute else "dry run, nothing is recorded", config.path
+    )
     settings = Settings(config, execute, verbose)
     outcome, reason = None, "finished"
     try:
@@ -178,11 +182,19 @@ class Settings:
         try:
             fresh = load_config(self.config.path)
         except ConfigError as error:
-            self._refuse(f"config.yml changed but is invalid; keeping the previous settings until it is fixed:\n{error}")
+            self._refuse(
+                f"config.yml changed but is invalid; keeping the previous settings until it is fixed:\n{error}"
+            )
             return
-        changed = [key for attribute, key in RESTART_KEYS.items() if getattr(fresh, attribute) != getattr(self.config, attribute)]
+        changed = [
+            key
+            for attribute, key in RESTART_KEYS.items()
+            if getattr(fresh, attribute) != getattr(self.config, attribute)
+        ]
         if changed:
-            self._refuse(f"{self.config.path}: {', '.join(changed)} changed; restart mxsync to use it. Keeping the previous settings")
+            self._refuse(
+                f"{self.config.path}: {', '.join(changed)} changed; restart mxsync to use it. Keeping the previous settings"
+            )
             return
         if _logging_settings(fresh) != _logging_settings(self.config):
             try:
@@ -225,8 +237,14 @@ def run_cycle(config, execute, stop, notifier, config_problem=None):
     if execute:
         history.source_result("config", config_problem)
     cycle = SyncCycle(
-        config, PortalClient(config), RsyncRunner(config, dry_run=not execute), IgnoreFile(config.ignore_file), history,
-        execute, stop, activity,
+        config,
+        PortalClient(config),
+        RsyncRunner(config, dry_run=not execute),
+        IgnoreFile(config.ignore_file),
+        history,
+        execute,
+        stop,
+        activity,
     )
     reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
     reporter.start()
@@ -236,8 +254,12 @@ def run_cycle(config, execute, stop, notifier, config_problem=None):
         reporter.stop()
     level = logging.INFO if outcome.ok else logging.WARNING
     logger.log(
-        level, "Cycle finished: %d planned, %d synced, %d failed%s%s%s", outcome.planned, len(outcome.synced),
-        len(outcome.failed), f", {len(outcome.waiting)} waiting for data" if outcome.waiting else "",
+        level,
+        "Cycle finished: %d planned, %d synced, %d failed%s%s%s",
+        outcome.planned,
+        len(outcome.synced),
+        len(outcome.failed),
+        f", {len(outcome.waiting)} waiting for data" if outcome.waiting else "",
         f", {len(outcome.stopped)} stopped" if outcome.stopped else "",
         "; problems: " + "; ".join(outcome.problems) if outcome.problems else "",
     )

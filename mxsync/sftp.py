@@ -8,8 +8,8 @@ import stat
 import paramiko
 
 from mxsync.errors import SftpError
-from mxsync.portal import Suspicious
 from mxsync.names import describe, is_epn
+from mxsync.portal import Suspicious
 
 logger = logging.getLogger("mxsync.sftp")
 
@@ -66,7 +66,9 @@ class SftpClient:
             ) from None
         except paramiko.AuthenticationException:
             client.close()
-            raise SftpError(f"SFTP {self.where}: login refused; check username and key-file {config.key_file}") from None
+            raise SftpError(
+                f"SFTP {self.where}: login refused; check username and key-file {config.key_file}"
+            ) from None
         except paramiko.SSHException as error:
             client.close()
             if "not found in known_hosts" in str(error):
@@ -95,8 +97,10 @@ class SftpClient:
             entries = self._sftp.listdir_attr(source_path)
         except (OSError, paramiko.SSHException, socket.timeout, EOFError) as error:
             raise SftpError(f"SFTP {self.where}: cannot list {source_path}: {error or type(error).__name__}") from None
-        except UnicodeDecodeError as error:  # paramiko decodes every name as UTF-8 and gives up on the first that is not
-            name = error.object[max(0, error.start - 20):error.end + 20]
+        except (
+            UnicodeDecodeError
+        ) as error:  # paramiko decodes every name as UTF-8 and gives up on the first that is not
+            name = error.object[max(0, error.start - 20) : error.end + 20]
             raise SftpError(
                 f"SFTP {self.where}: cannot list {source_path}: an entry's name is not UTF-8 (near {name!r}); "
                 "rename it on the facility side"
@@ -108,6 +112,8 @@ class SftpClient:
             if is_epn(entry.filename):
                 epns.append(entry.filename)
             else:
-                suspicious.append(Suspicious(f"SFTP {source_path}", describe(entry.filename), "folder name is not an EPN"))
+                suspicious.append(
+                    Suspicious(f"SFTP {source_path}", describe(entry.filename), "folder name is not an EPN")
+                )
         logger.debug("SFTP %s: %d EPN folders, %d other folders", source_path, len(epns), len(suspicious))
         return epns, suspicious

@@ -50,7 +50,9 @@ _COMMENT = r"#[\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010
 _END = r"(?:\r?\n|\Z)"
 _OWN_LINE = rf"[ ]*(?:{_COMMENT})?{_END}"  # a blank line or a comment on its own
 _LINE_REST = rf"(?:[ ]+{_COMMENT})?[ ]*{_END}"  # what may follow the key or an entry on its line
-_COMMENTED_LIST = re.compile(rf"(?:{_OWN_LINE})*{IGNORE_KEY}:{_LINE_REST}(?:-[ ]+{_PLAIN_EPN_SHAPE}{_LINE_REST}|{_OWN_LINE})*")
+_COMMENTED_LIST = re.compile(
+    rf"(?:{_OWN_LINE})*{IGNORE_KEY}:{_LINE_REST}(?:-[ ]+{_PLAIN_EPN_SHAPE}{_LINE_REST}|{_OWN_LINE})*"
+)
 _COMMENTED_ENTRY = re.compile(rf"^-[ ]+({_PLAIN_EPN_SHAPE})", re.MULTILINE)
 _KEY_LINE = re.compile(rf"^{IGNORE_KEY}:", re.MULTILINE)
 _YAML_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
@@ -148,7 +150,7 @@ class IgnoreFile:
     def _parse(self, text):
         """Return (the EPNs in text, its layout: _LINES, or the YAML document's node tree, None if empty)."""
         if text.startswith(_WRITTEN_PREFIX) and _WRITTEN_ENTRIES.fullmatch(text, len(_WRITTEN_PREFIX)):
-            return {line[2:] for line in text[len(_WRITTEN_PREFIX):].splitlines()}, _LINES
+            return {line[2:] for line in text[len(_WRITTEN_PREFIX) :].splitlines()}, _LINES
         if _COMMENTED_LIST.fullmatch(text):
             return set(_COMMENTED_ENTRY.findall(text)), _LINES
         fix = "fix it by hand (format: 'previouslySynched: [12282a, 12283b]'); mxsync will not overwrite it"
@@ -284,7 +286,9 @@ def _insert_in_document(text, document, new):
         return text[:at] + ", ".join(entries) + text[at:]
     if isinstance(value, yaml.SequenceNode):  # block style: new lines after the last item's, at its dash's column
         indent = " " * value.start_mark.column
-        return _insert_at(text, _after_line(text, offset(value.value[-1].end_mark)), [f"{indent}- {entry}" for entry in entries])
+        return _insert_at(
+            text, _after_line(text, offset(value.value[-1].end_mark)), [f"{indent}- {entry}" for entry in entries]
+        )
     start, end = offset(value.start_mark), offset(value.end_mark)
     if start < end:  # an explicit null, e.g. "previouslySynched: ~": becomes a flow list in its place
         return text[:start] + "[" + ", ".join(entries) + "]" + text[end:]

@@ -84,7 +84,9 @@ def collect_status(config):
 
 def _plan_states(config, synced, notes):
     """Ask the portal and plan as a cycle would; return ({epn: state}, {epn: visit}) or raise PortalError."""
-    current, previous, _suspicious, errors, current_start = fetch_visits(config, PortalClient(config), datetime.now(timezone.utc))
+    current, previous, _suspicious, errors, current_start = fetch_visits(
+        config, PortalClient(config), datetime.now(timezone.utc)
+    )
     if errors and len(errors) >= len(config.equipment):
         raise PortalError(errors[0])
     notes.extend(errors)

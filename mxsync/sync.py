@@ -11,7 +11,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Dict, List
 
 from mxsync import alerts
 from mxsync.destination import check_destination_root, make_epn_folders
@@ -34,11 +33,11 @@ IMMEDIATE_ALERTS = ("destination", "record", "config", "local")
 
 @dataclass
 class CycleOutcome:
-    synced: List[str] = field(default_factory=list)
-    failed: Dict[str, str] = field(default_factory=dict)
-    stopped: List[str] = field(default_factory=list)
-    waiting: Dict[str, str] = field(default_factory=dict)
-    problems: List[str] = field(default_factory=list)
+    synced: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
     planned: int = 0
     record_unreadable: bool = False
 
@@ -84,8 +83,12 @@ class Activity:
     def snapshot(self):
         """Return the phase and a copy of every running transfer's figures."""
         with self._lock:
-            return {"phase": self.phase, "done": self.done, "total": self.total,
-                    "transfers": {epn: dict(figures) for epn, figures in self.transfers.items()}}
+            return {
+                "phase": self.phase,
+                "done": self.done,
+                "total": self.total,
+                "transfers": {epn: dict(figures) for epn, figures in self.transfers.items()},
+            }
 
     def describe(self):
         with self._lock:
@@ -279,7 +282,9 @@ class SyncCycle:
                     transfer.epn,
                     transfer.source,
                     transfer.destination,
-                    progress=lambda result: self.activity.update(transfer.epn, len(result.files), result.bytes_transferred),
+                    progress=lambda result: self.activity.update(
+                        transfer.epn, len(result.files), result.bytes_transferred
+                    ),
                 )
             except RsyncError as error:
                 if not error.transient or attempt == attempts or self.stop.is_set():

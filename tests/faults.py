@@ -105,7 +105,7 @@ class Tally:
             for marker in TRACEBACK_MARKERS:
                 if marker in text:
                     start = text.index(marker)
-                    self._add_once(self.crashes, f"{where}: {text[start:start + 600]!r}")
+                    self._add_once(self.crashes, f"{where}: {text[start : start + 600]!r}")
             for label, secret in secrets.items():
                 if secret and secret in text:
                     self._add_once(self.leaks, f"{label} in {where}")
@@ -148,7 +148,7 @@ def manifest(path, include=wanted):
     import hashlib
 
     found = {}
-    for directory, directories, files in os.walk(path):
+    for directory, _directories, files in os.walk(path):
         for name in files:
             file_path = Path(directory, name)
             relative = file_path.relative_to(path).as_posix()
@@ -261,7 +261,10 @@ def snapshot(root, exclude=()):
             info = path.lstat()
             kind = stat.S_IFMT(info.st_mode)
             entries[str(path.relative_to(root))] = (
-                kind, info.st_size if stat.S_ISREG(kind) else 0, info.st_mtime_ns, os.readlink(path) if stat.S_ISLNK(kind) else None,
+                kind,
+                info.st_size if stat.S_ISREG(kind) else 0,
+                info.st_mtime_ns,
+                os.readlink(path) if stat.S_ISLNK(kind) else None,
             )
     return entries
 
@@ -269,7 +272,9 @@ def snapshot(root, exclude=()):
 def outside_destination(facility):
     """Snapshot everything in the test's directory but the destination and the tools' own logs, state and sshd files."""
     workdir = facility.workdir
-    return snapshot(workdir.parent, exclude=[facility.destination, workdir / "log", workdir / "state", workdir / "sshd"])
+    return snapshot(
+        workdir.parent, exclude=[facility.destination, workdir / "log", workdir / "state", workdir / "sshd"]
+    )
 
 
 def unexpected_rsync_arguments(command, ssh_target, source_root, destination_root, epns):
@@ -281,10 +286,12 @@ def unexpected_rsync_arguments(command, ssh_target, source_root, destination_roo
     if command[:1] != ["rsync"] or len(command) < 4:
         return [f"not an rsync command: {command[:3]}"]
     *options, source, destination = command[1:]
-    epn = source[len(f"{ssh_target}:{source_root}/"):].rstrip("/")
+    epn = source[len(f"{ssh_target}:{source_root}/") :].rstrip("/")
     if source != f"{ssh_target}:{source_root}/{epn}/" or epn not in epns:
         problems.append(f"source {source!r}")
-    parts = Path(destination).relative_to(destination_root).parts if destination.startswith(f"{destination_root}/") else ()
+    parts = (
+        Path(destination).relative_to(destination_root).parts if destination.startswith(f"{destination_root}/") else ()
+    )
     if len(parts) != 3 or parts[1:] != (epn, "data") or not destination.endswith("/data/"):
         problems.append(f"destination {destination!r}")
     position = 0
@@ -325,8 +332,13 @@ class Outcome:
 def run_tool(program, *arguments, timeout=PATIENCE, env=None):
     """Run a console script to the end; return its CompletedProcess (text)."""
     return subprocess.run(
-        [program, *map(str, arguments)], capture_output=True, text=True, errors="replace", timeout=timeout,
-        env=env, stdin=subprocess.DEVNULL,
+        [program, *map(str, arguments)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -336,8 +348,12 @@ STARTED = []  # every tool start_tool started, so that an interrupted scenario l
 def start_tool(program, *arguments, env=None):
     """Start a console script in its own session, so that a kill of its group takes its rsync and ssh too."""
     process = subprocess.Popen(
-        [program, *map(str, arguments)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True, env=env,
+        [program, *map(str, arguments)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
     )
     STARTED.append(process)
     return process
@@ -399,7 +415,9 @@ def run_in_process(main, argv):
                 traceback.print_exc()
                 returncode = 1
     finally:
-        for logger, (handlers, level) in [(root, saved_root)] + [(logging.getLogger(n), s) for n, s in saved_named.items()]:
+        for logger, (handlers, level) in [(root, saved_root)] + [
+            (logging.getLogger(n), s) for n, s in saved_named.items()
+        ]:
             for handler in logger.handlers[:]:
                 if handler not in handlers:
                     logger.removeHandler(handler)
@@ -462,7 +480,7 @@ def _process_table():
             command = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        parent = int(stat_text[stat_text.rindex(")") + 2:].split()[1])
+        parent = int(stat_text[stat_text.rindex(")") + 2 :].split()[1])
         table[int(entry.name)] = (parent, [part.decode("utf-8", "replace") for part in command if part])
     return table
 
@@ -509,7 +527,7 @@ def reap_control_masters(facility):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         if directory is not None and directory.name.startswith("mxsync-ssh-"):
-            wait_for(lambda: not any(directory.glob("*")), timeout=5)
+            wait_for(lambda directory=directory: not any(directory.glob("*")), timeout=5)
             with contextlib.suppress(OSError):
                 for leftover in directory.iterdir():
                     leftover.unlink()
@@ -538,7 +556,8 @@ def remove_abandoned_control_dirs(created, settle=5.0):
 def rsync_processes(destination):
     """Return the pids of rsync processes writing under `destination`."""
     return [
-        pid for pid, (_, command) in _process_table().items()
+        pid
+        for pid, (_, command) in _process_table().items()
         if command and Path(command[0]).name == "rsync" and any(str(destination) in part for part in command)
     ]
 
@@ -656,8 +675,15 @@ def closed_port():
 
 def add_epns(facility, names, frames=1, frame_size=8 * 1024, small_files=1, **visit):
     for name in names:
-        facility.add_experiment("mx", name, equipment_id=23, frames=frames, frame_size=frame_size,
-                                small_files=small_files, **(visit or ENDED))
+        facility.add_experiment(
+            "mx",
+            name,
+            equipment_id=23,
+            frames=frames,
+            frame_size=frame_size,
+            small_files=small_files,
+            **(visit or ENDED),
+        )
 
 
 def require_smtp_login(facility):
@@ -674,8 +700,12 @@ def require_smtp_login(facility):
 
 def new_key(path):
     """Generate a passphrase-less ed25519 key pair nobody authorised; return the private key's path."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "stranger", "-f", str(path)],
-                   check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "stranger", "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
     return Path(path)
 
 

@@ -26,24 +26,87 @@ TRACEBACK = "Traceback (most recent call last)"
 PATH_KEYS = ("ignore", "state-dir", "key-file", "known-hosts", "destination-root-path", "epnalert-template-folder")
 LOG_KEYS = ("sync", "epnalert", "email")
 # Keys whose valid values would make a run sleep or wait; they only get small or invalid values.
-DELAY_KEYS = ("portal-retry-delay", "rsync-retry-delay", "portal-timeout", "ssh-connect-timeout", "sftp-timeout",
-              "sync-frequency-hours", "epnalert-email-smtp-timeout", "portal-retries", "rsync-retries")
-PATHS = [".", "log", "sub/dir/file", "config.yml/inside", "/proc/nonexistent/x", "", "ignore.yml", "state", 42, [], {}, None]
+DELAY_KEYS = (
+    "portal-retry-delay",
+    "rsync-retry-delay",
+    "portal-timeout",
+    "ssh-connect-timeout",
+    "sftp-timeout",
+    "sync-frequency-hours",
+    "epnalert-email-smtp-timeout",
+    "portal-retries",
+    "rsync-retries",
+)
+PATHS = [
+    ".",
+    "log",
+    "sub/dir/file",
+    "config.yml/inside",
+    "/proc/nonexistent/x",
+    "",
+    "ignore.yml",
+    "state",
+    42,
+    [],
+    {},
+    None,
+]
 SMALL = [0, 0.001, 1, 2, -1, "1", "x", None, True, [], {}, float("nan"), float("inf"), float("-inf")]
-ODD_STRINGS = ["", " ", "-", "--delete", "..", "../..", "/", "~", "logging.DEBUG", "DEBUG", "12282", "ny79", "a\nb",
-               "\x00", "null", "yes", "0x10", "1e309", "https://", "ftp://x", "x" * 300, "ü", "'", '"', "{beamline}",
-               "{0}", "{beamline!r}", "a@b", "a@@b", "127.0.0.1:0", "h:99999", "aes128-ctr;rm"]
+ODD_STRINGS = [
+    "",
+    " ",
+    "-",
+    "--delete",
+    "..",
+    "../..",
+    "/",
+    "~",
+    "logging.DEBUG",
+    "DEBUG",
+    "12282",
+    "ny79",
+    "a\nb",
+    "\x00",
+    "null",
+    "yes",
+    "0x10",
+    "1e309",
+    "https://",
+    "ftp://x",
+    "x" * 300,
+    "ü",
+    "'",
+    '"',
+    "{beamline}",
+    "{0}",
+    "{beamline!r}",
+    "a@b",
+    "a@@b",
+    "127.0.0.1:0",
+    "h:99999",
+    "aes128-ctr;rm",
+]
 
 
 def values():
     """Any value YAML can hold, with the awkward ones over-represented."""
     scalars = st.one_of(
-        st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70), st.integers(-3, 70000),
-        st.floats(), st.text(max_size=20), st.sampled_from(ODD_STRINGS),
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.integers(-3, 70000),
+        st.floats(),
+        st.text(max_size=20),
+        st.sampled_from(ODD_STRINGS),
     )
-    return st.recursive(scalars, lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=3),
-    ), max_leaves=6)
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=3),
+        ),
+        max_leaves=6,
+    )
 
 
 @contextlib.contextmanager
@@ -65,8 +128,16 @@ def make_sandbox(directory):
     config = {
         "epn_cap_map": {"12282": "ny79", "13000": "ab12"},
         "ignore": "state/ignore.yml",
-        "equipment": [{"id": 23, "username": "mx-sync", "password": "portal-pw-S3CRET-1", "client_name": "hpc-client",
-                       "client_password": "client-pw-S3CRET-2", "beamline": "mx"}],
+        "equipment": [
+            {
+                "id": 23,
+                "username": "mx-sync",
+                "password": "portal-pw-S3CRET-1",
+                "client_name": "hpc-client",
+                "client_password": "client-pw-S3CRET-2",
+                "beamline": "mx",
+            }
+        ],
         "base-url": f"http://127.0.0.1:{closed_port()}",
         "beamline": "mx",
         "host": "127.0.0.1",
@@ -89,8 +160,11 @@ def make_sandbox(directory):
     }
     write_config(directory, config)
     (directory / "state" / "ignore.yml").write_text("previouslySynched:\n- 12282a\n- 99999b\n")
-    (directory / "state" / "mxsync-state.json").write_text(json.dumps(
-        {"epns": {"12282z": {"failures": 2, "alerted": False, "last_error": "x"}}, "sources": {}, "running": {}}))
+    (directory / "state" / "mxsync-state.json").write_text(
+        json.dumps(
+            {"epns": {"12282z": {"failures": 2, "alerted": False, "last_error": "x"}}, "sources": {}, "running": {}}
+        )
+    )
     return config
 
 
@@ -118,10 +192,13 @@ def mutated_config(draw, base, sandboxed=True):
         if action == "delete" and isinstance(target, dict) and key in target:
             del target[key]
         elif action == "add" and isinstance(target, dict):
-            target[draw(st.sampled_from(["extra", "portal_timeout", "log-file", "Host", "ignore ", 7, None]))] = draw(values())
+            target[draw(st.sampled_from(["extra", "portal_timeout", "log-file", "Host", "ignore ", 7, None]))] = draw(
+                values()
+            )
         elif isinstance(target, (dict, list)):
-            target[key] = _value_for(draw, key, target.get(key) if isinstance(target, dict) else target[key],
-                                     action == "retype", sandboxed)
+            target[key] = _value_for(
+                draw, key, target.get(key) if isinstance(target, dict) else target[key], action == "retype", sandboxed
+            )
     return config
 
 
@@ -134,7 +211,9 @@ def _draw_place(draw, config):
             kinds[nested] = [(config[nested], key) for key in config[nested]] or [(config[nested], fallback)]
     if isinstance(config.get("equipment"), list) and config["equipment"]:
         kinds["equipment"] = [(config["equipment"], index) for index in range(len(config["equipment"]))]
-        kinds["equipment"] += [(entry, key) for entry in config["equipment"] if isinstance(entry, dict) for key in entry]
+        kinds["equipment"] += [
+            (entry, key) for entry in config["equipment"] if isinstance(entry, dict) for key in entry
+        ]
     return draw(st.sampled_from(kinds[draw(st.sampled_from(sorted(kinds)))]))
 
 
@@ -144,10 +223,18 @@ def _value_for(draw, key, current, retype, sandboxed):
     if sandboxed and key in DELAY_KEYS:
         return draw(st.sampled_from(SMALL))
     if sandboxed and key in ("base-url", "epnalert-email-smtp", "host", "port"):
-        return draw(st.sampled_from(["http://", "ftp://x", "", 42, None, [], "a b", "127.0.0.1:x", 0, 70000, "x" * 300]))
+        return draw(
+            st.sampled_from(["http://", "ftp://x", "", 42, None, [], "a b", "127.0.0.1:x", 0, 70000, "x" * 300])
+        )
     if retype:
-        return {str: lambda v: [v], int: str, float: str, bool: int, list: lambda v: {"a": v}, dict: lambda v: list(v)}.get(
-            type(current), lambda v: draw(values()))(current)
+        return {
+            str: lambda v: [v],
+            int: str,
+            float: str,
+            bool: int,
+            list: lambda v: {"a": v},
+            dict: lambda v: list(v),
+        }.get(type(current), lambda v: draw(values()))(current)
     return draw(values())
 
 
@@ -160,9 +247,37 @@ def mutated_text(draw, base_text):
         position = draw(st.integers(0, len(text)))
         edit = draw(st.sampled_from(["insert", "delete", "cut", "lines", "bytes"]))
         if edit == "insert":
-            text = text[:position] + draw(st.sampled_from([b":", b"-", b" ", b"\t", b"\n", b"{", b"[", b"&a", b"*a", b"!!python/object:os.system", b"'", b'"', b"%", b"@", b"|", b">", b"#", b"? ", b"---\n"])) + text[position:]
+            text = (
+                text[:position]
+                + draw(
+                    st.sampled_from(
+                        [
+                            b":",
+                            b"-",
+                            b" ",
+                            b"\t",
+                            b"\n",
+                            b"{",
+                            b"[",
+                            b"&a",
+                            b"*a",
+                            b"!!python/object:os.system",
+                            b"'",
+                            b'"',
+                            b"%",
+                            b"@",
+                            b"|",
+                            b">",
+                            b"#",
+                            b"? ",
+                            b"---\n",
+                        ]
+                    )
+                )
+                + text[position:]
+            )
         elif edit == "delete":
-            text = text[:position] + text[position + draw(st.integers(1, 40)):]
+            text = text[:position] + text[position + draw(st.integers(1, 40)) :]
         elif edit == "cut":
             text = text[:position]
         elif edit == "bytes":
@@ -200,9 +315,18 @@ def ignore_texts():
         entries.map(lambda items: yaml.safe_dump({"previouslySynched": items}, allow_unicode=True)),
         values().map(lambda value: yaml.safe_dump({"previouslySynched": value}, allow_unicode=True)),
         values().map(lambda value: yaml.safe_dump(value, allow_unicode=True)),
-        st.sampled_from(["", "previouslySynched:\n", "previouslySynched: [12282a\n", "previouslySynched: [a, b]\nother: 1\n",
-                         "- 12282a\n", "previouslySynched: !!python/object/apply:os.system ['true']\n", "\ufeffprev: [",
-                         "previouslySynched: &a [*a]\n"]),
+        st.sampled_from(
+            [
+                "",
+                "previouslySynched:\n",
+                "previouslySynched: [12282a\n",
+                "previouslySynched: [a, b]\nother: 1\n",
+                "- 12282a\n",
+                "previouslySynched: !!python/object/apply:os.system ['true']\n",
+                "\ufeffprev: [",
+                "previouslySynched: &a [*a]\n",
+            ]
+        ),
         st.binary(max_size=60),
     )
 
@@ -210,11 +334,15 @@ def ignore_texts():
 def history_texts():
     """mxsync-state.json contents: the real shape with odd values in it, random JSON, and broken JSON."""
     entry = st.one_of(
-        st.fixed_dictionaries({"failures": values(), "alerted": values()}, optional={"last_error": values(), "since": values()}),
+        st.fixed_dictionaries(
+            {"failures": values(), "alerted": values()}, optional={"last_error": values(), "since": values()}
+        ),
         values(),
     )
     section = st.one_of(st.dictionaries(st.text(max_size=8), entry, max_size=3), values())
-    shaped = st.fixed_dictionaries({}, optional={"epns": section, "sources": section, "running": section, "last_cycle": values()})
+    shaped = st.fixed_dictionaries(
+        {}, optional={"epns": section, "sources": section, "running": section, "last_cycle": values()}
+    )
     return st.one_of(
         shaped.map(lambda data: json.dumps(data)),
         values().map(lambda value: json.dumps(value)),
@@ -275,30 +403,47 @@ def _common_problems(result, before, after, allowed, state_may_change=False):
         problems.append(f"exit {result.returncode!r}, expected one of {allowed}")
     for stream in (result.stdout, result.stderr):
         if TRACEBACK in stream:
-            problems.append("traceback: " + stream[stream.index(TRACEBACK):][-700:])
+            problems.append("traceback: " + stream[stream.index(TRACEBACK) :][-700:])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     if result.returncode == 2 and (not lines or any(not line.startswith("mxsync: error: ") for line in lines)):
         problems.append(f"exit 2 but stderr is not only error lines: {result.stderr[:400]!r}")
     if (result.returncode == 2 or not state_may_change) and after != before:
-        problems.append(f"state files changed: {sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))}")
+        problems.append(
+            f"state files changed: {sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))}"
+        )
     return problems
 
 
 def _state_bytes(sandbox):
     state = Path(sandbox) / "state"
-    return {path.name: path.read_bytes() for path in state.iterdir() if path.is_file() and not path.name.endswith(".lock")}
+    return {
+        path.name: path.read_bytes() for path in state.iterdir() if path.is_file() and not path.name.endswith(".lock")
+    }
 
 
 def epnalert_state_texts():
     """epnalert-state.json contents: its real shape with odd values, random JSON, broken JSON."""
-    epn_entry = st.one_of(st.fixed_dictionaries({"first_alerted": values()}, optional={"last_alerted": values()}), values())
-    moment = st.one_of(st.datetimes().map(lambda when: when.isoformat()), st.sampled_from(["", "yesterday", "2024-02-30"]), values())
-    shaped = st.fixed_dictionaries({}, optional={
-        "version": values(), "last_sent": moment, "last_recipients": values(),
-        "epns": st.one_of(st.dictionaries(st.text(max_size=8), epn_entry, max_size=3), values()),
-    })
-    return st.one_of(shaped.map(json.dumps), values().map(json.dumps), st.binary(max_size=60),
-                     st.sampled_from(["", "{", "null", "[]", '{"epns": {"1a": {"first_alerted": "2024-01-01T00:00:00+25:00"}}}']))
+    epn_entry = st.one_of(
+        st.fixed_dictionaries({"first_alerted": values()}, optional={"last_alerted": values()}), values()
+    )
+    moment = st.one_of(
+        st.datetimes().map(lambda when: when.isoformat()), st.sampled_from(["", "yesterday", "2024-02-30"]), values()
+    )
+    shaped = st.fixed_dictionaries(
+        {},
+        optional={
+            "version": values(),
+            "last_sent": moment,
+            "last_recipients": values(),
+            "epns": st.one_of(st.dictionaries(st.text(max_size=8), epn_entry, max_size=3), values()),
+        },
+    )
+    return st.one_of(
+        shaped.map(json.dumps),
+        values().map(json.dumps),
+        st.binary(max_size=60),
+        st.sampled_from(["", "{", "null", "[]", '{"epns": {"1a": {"first_alerted": "2024-01-01T00:00:00+25:00"}}}']),
+    )
 
 
 def run_epnalert_state(config_path, text):

@@ -12,14 +12,45 @@ import time
 from datetime import timedelta, timezone
 from pathlib import Path
 
+from tests.facility.tree import make_experiment, tree_manifest, wanted
 from tests.faults import (
-    ENDED, IS_ROOT, MXSYNC, NOW, SMTP_LOGIN, RawPortal, add_epns, control_dirs, cut_ssh_connections, cycles_finished,
-    fill, finish, hand_edit, ignore_path, kill_group, log_has, log_text, manifest, mxsync_main, new_key, outputs,
-    outside_destination, reap_control_masters, recorded, remount, remove_abandoned_control_dirs, require_smtp_login,
-    rsync_commands, rsync_processes, run_tool, secrets_of, start_tool, subjects, tmpfs, unexpected_rsync_arguments,
+    ENDED,
+    IS_ROOT,
+    MXSYNC,
+    NOW,
+    SMTP_LOGIN,
+    RawPortal,
+    add_epns,
+    control_dirs,
+    cut_ssh_connections,
+    cycles_finished,
+    fill,
+    finish,
+    hand_edit,
+    ignore_path,
+    kill_group,
+    log_has,
+    log_text,
+    manifest,
+    mxsync_main,
+    new_key,
+    outputs,
+    outside_destination,
+    reap_control_masters,
+    recorded,
+    remount,
+    remove_abandoned_control_dirs,
+    require_smtp_login,
+    rsync_commands,
+    rsync_processes,
+    run_tool,
+    secrets_of,
+    start_tool,
+    subjects,
+    tmpfs,
+    unexpected_rsync_arguments,
     wait_for,
 )
-from tests.facility.tree import make_experiment, tree_manifest, wanted
 
 EQUIPMENT_PATH = "/api/v1/equipment"
 TOKEN_PATH = "/api/v1/oauth/token"
@@ -93,7 +124,9 @@ def kill9_loop(facility, tally, rng, runs):
         if killed and recorded(config) - before:
             tally.note("killed mid-pass after recording some EPNs")
         # 0: the pass ended before the kill; -9: killed. Anything else is a failure without a cause.
-        tally.expect(result.returncode in (0, -signal.SIGKILL), f"exit {result.returncode} after a kill at {moment:.2f} s")
+        tally.expect(
+            result.returncode in (0, -signal.SIGKILL), f"exit {result.returncode} after a kill at {moment:.2f} s"
+        )
         check_everything(tally, facility, config, result, before=before)
     final = run_tool(MXSYNC, "--config", config, "--execute", "--once")
     remove_abandoned_control_dirs(control_dirs() - dirs_before, settle=1.0)
@@ -142,7 +175,9 @@ def sigterm_mid_transfer(facility, tally, rng):
         tally.expect("12282a: stopped before it finished; nothing recorded" in log_text(facility), "no 'stopped' line")
     check_everything(tally, facility, config, result)
     again = run_tool(MXSYNC, "--config", facility.write_config(), "--execute", "--once")
-    tally.expect(again.returncode == 0 and complete_copy(facility, "ny79", "12282a"), "the next pass did not complete it")
+    tally.expect(
+        again.returncode == 0 and complete_copy(facility, "ny79", "12282a"), "the next pass did not complete it"
+    )
     check_everything(tally, facility, config, result, again)
 
 
@@ -153,10 +188,14 @@ def connection_cut(facility, tally, rng):
     tally.expect(cut_ssh_connections(facility) > 0, "no ssh connection to cut")
     result = finish(process)
     tally.runs += 1
-    tally.expect(result.returncode == 0, f"exit {result.returncode} (the retry should complete it): {result.stderr[-400:]}")
+    tally.expect(
+        result.returncode == 0, f"exit {result.returncode} (the retry should complete it): {result.stderr[-400:]}"
+    )
     # Over the shared connection the cut ends the master: the transfer is retried at once over its own connection.
-    tally.expect(any(retry in log_text(facility) for retry in ("retrying in", "retrying over a connection of its own")),
-                 "no retry logged after the cut")
+    tally.expect(
+        any(retry in log_text(facility) for retry in ("retrying in", "retrying over a connection of its own")),
+        "no retry logged after the cut",
+    )
     tally.expect(recorded(config) == {"12282a", "12282b"}, f"recorded {sorted(recorded(config))}")
     tally.expect(complete_copy(facility, "ny79", "12282a"), "12282a differs from the source after resuming")
     check_everything(tally, facility, config, result)
@@ -193,10 +232,14 @@ def login_refused(facility, tally, rng):
     tally.expect("Permission denied" in log, "ssh's refusal is not in the log")
     tally.expect("12282a: started" not in log, "a transfer started although the login was refused")
     tally.expect(recorded(config) == set() and not any(facility.destination.iterdir()), "something recorded or written")
-    tally.expect(wait_for(lambda: facility.smtp.messages, timeout=10) and "ssh" in subjects(facility)[0], "no alert about ssh")
+    tally.expect(
+        wait_for(lambda: facility.smtp.messages, timeout=10) and "ssh" in subjects(facility)[0], "no alert about ssh"
+    )
     failed = [line for line in check.stdout.splitlines() if line.startswith("FAILED")]
-    tally.expect(check.returncode == 1 and any("SSH login" in line and "login refused" in line for line in failed),
-                 f"check --connect does not name the refused login: {check.stdout}")
+    tally.expect(
+        check.returncode == 1 and any("SSH login" in line and "login refused" in line for line in failed),
+        f"check --connect does not name the refused login: {check.stdout}",
+    )
     check_everything(tally, facility, config, result, check, key_files=[stranger])
 
 
@@ -209,11 +252,19 @@ def host_key_changed(facility, tally, rng):
     check = run_tool(MXSYNC, "check", "--config", config, "--connect")
     tally.runs += 1
     tally.expect(result.returncode == 1, f"exit {result.returncode} (expected 1)")
-    tally.expect("REMOTE HOST IDENTIFICATION HAS CHANGED" in log_text(facility)
-                 or "Host key verification failed" in log_text(facility), "no host key message in the log")
+    tally.expect(
+        "REMOTE HOST IDENTIFICATION HAS CHANGED" in log_text(facility)
+        or "Host key verification failed" in log_text(facility),
+        "no host key message in the log",
+    )
     tally.expect(recorded(config) == set() and not any(facility.destination.iterdir()), "something recorded or written")
-    tally.expect(any(line.startswith("FAILED  SSH login") and "host key does not match" in line
-                     for line in check.stdout.splitlines()), f"check --connect: {check.stdout}")
+    tally.expect(
+        any(
+            line.startswith("FAILED  SSH login") and "host key does not match" in line
+            for line in check.stdout.splitlines()
+        ),
+        f"check --connect: {check.stdout}",
+    )
     check_everything(tally, facility, config, result, check)
 
 
@@ -234,9 +285,13 @@ def disk_full(facility, tally, rng):
         check_everything(tally, facility, config, result)
         tally.expect(remount(facility.destination, "size=64m"), "could not grow the tmpfs")
         again = run_tool(MXSYNC, "--config", config, "--execute", "--once")
-        tally.expect(again.returncode == 0 and recorded(config) == {"12282a", "12282b", "12282c"},
-                     f"after freeing space: exit {again.returncode}, recorded {sorted(recorded(config))}")
-        tally.expect(all(complete_copy(facility, "ny79", epn) for epn in ("12282a", "12282b", "12282c")), "copies differ")
+        tally.expect(
+            again.returncode == 0 and recorded(config) == {"12282a", "12282b", "12282c"},
+            f"after freeing space: exit {again.returncode}, recorded {sorted(recorded(config))}",
+        )
+        tally.expect(
+            all(complete_copy(facility, "ny79", epn) for epn in ("12282a", "12282b", "12282c")), "copies differ"
+        )
         check_everything(tally, facility, config, result, again)
 
 
@@ -258,22 +313,30 @@ def destination_read_only(facility, tally, rng):
         tally.expect(first.returncode == 1, f"exit {first.returncode} on a read-only root (expected 1)")
         tally.expect("not writable (Read-only file system)" in log_text(facility), "no 'not writable' line")
         tally.expect(": rsync): rsync" not in log_text(facility), "rsync ran on a read-only root")
-        tally.expect(wait_for(lambda: facility.smtp.messages, timeout=10)
-                     and "destination" in subjects(facility)[0], "no immediate alert about the destination")
+        tally.expect(
+            wait_for(lambda: facility.smtp.messages, timeout=10) and "destination" in subjects(facility)[0],
+            "no immediate alert about the destination",
+        )
         tally.expect(remount(facility.destination, "rw"), "could not remount read-write")
         # 2. One project folder read-only: only its EPN fails.
         (facility.destination / "ab12").mkdir()
         with tmpfs(facility.destination / "ab12", "1m"):
             remount(facility.destination / "ab12", "ro")
             second = run_tool(MXSYNC, "--config", config, "--execute", "--once")
-        tally.expect(second.returncode == 1 and recorded(config) == {"12282a"},
-                     f"read-only project folder: exit {second.returncode}, recorded {sorted(recorded(config))}")
+        tally.expect(
+            second.returncode == 1 and recorded(config) == {"12282a"},
+            f"read-only project folder: exit {second.returncode}, recorded {sorted(recorded(config))}",
+        )
         tally.expect("13000a: FAILED" in log_text(facility), "no FAILED line for the read-only project folder")
         check_everything(tally, facility, config, first, second)
         third = run_tool(MXSYNC, "--config", config, "--execute", "--once")
-        tally.expect(third.returncode == 0 and recorded(config) == {"12282a", "13000a"},
-                     f"writable again: exit {third.returncode}, recorded {sorted(recorded(config))}")
-        tally.expect(complete_copy(facility, "ny79", "12282a") and complete_copy(facility, "ab12", "13000a"), "copies differ")
+        tally.expect(
+            third.returncode == 0 and recorded(config) == {"12282a", "13000a"},
+            f"writable again: exit {third.returncode}, recorded {sorted(recorded(config))}",
+        )
+        tally.expect(
+            complete_copy(facility, "ny79", "12282a") and complete_copy(facility, "ab12", "13000a"), "copies differ"
+        )
         check_everything(tally, facility, config, first, second, third)
 
 
@@ -290,19 +353,25 @@ def state_disk_full(facility, tally, rng):
         fill(state)
         during = run_tool(MXSYNC, "--config", config, "--execute", "--once")
         tally.runs += 1
-        tally.expect(during.returncode == 1 and "12282a: FAILED" in log_text(facility) and "cannot record" in log_text(facility),
-                     f"full state file system: exit {during.returncode}: {during.stderr[-300:]}")
+        tally.expect(
+            during.returncode == 1 and "12282a: FAILED" in log_text(facility) and "cannot record" in log_text(facility),
+            f"full state file system: exit {during.returncode}: {during.stderr[-300:]}",
+        )
         (state / "mxsync.lock").unlink()
         fill(state)
         start = run_tool(MXSYNC, "--config", config, "--execute", "--once")
         lines = start.stderr.splitlines()
-        tally.expect(start.returncode == 2 and len(lines) == 1 and "cannot write the instance lock" in lines[0],
-                     f"no room for the lock: exit {start.returncode}: {start.stderr[-300:]}")
+        tally.expect(
+            start.returncode == 2 and len(lines) == 1 and "cannot write the instance lock" in lines[0],
+            f"no room for the lock: exit {start.returncode}: {start.stderr[-300:]}",
+        )
         tally.expect(ignore_path(config).read_bytes() == before, "ignore.yml changed although nothing could be written")
         check_everything(tally, facility, config, during, start, before={"99999a"})
         (state / "filler").unlink()
         again = run_tool(MXSYNC, "--config", config, "--execute", "--once")
-        tally.expect(again.returncode == 0 and recorded(config) == {"12282a", "99999a"}, "not recorded once there is room")
+        tally.expect(
+            again.returncode == 0 and recorded(config) == {"12282a", "99999a"}, "not recorded once there is room"
+        )
         check_everything(tally, facility, config, during, start, again, before={"99999a"})
 
 
@@ -332,7 +401,9 @@ def portal_fault(kind):
         add_epns(facility, ["12282a"])
         facility.portal.slow_seconds = 2.5
         # Timeouts take a second each, so no retry for them; the other faults go through the retry path.
-        config = facility.write_config(portal_retries=0 if kind == "slow" else 1, portal_timeout=1, failure_alert_cycles=1)
+        config = facility.write_config(
+            portal_retries=0 if kind == "slow" else 1, portal_timeout=1, failure_alert_cycles=1
+        )
         facility.portal.add_fault(simulator_kind, path, count=1000)
         run = mxsync_main(["--config", config, "--execute", "--once"])
         status = mxsync_main(["status", "--config", config])
@@ -344,8 +415,10 @@ def portal_fault(kind):
         tally.expect(recorded(config) == set(), "something recorded without the portal")
         state = json.loads((ignore_path(config).parent / "mxsync-state.json").read_text())
         tally.expect(state["sources"].get("portal", {}).get("failures") == 1, "the portal failure is not counted")
-        tally.expect(wait_for(lambda: facility.smtp.messages, timeout=10) and "portal" in subjects(facility)[0],
-                     "no alert about the portal")
+        tally.expect(
+            wait_for(lambda: facility.smtp.messages, timeout=10) and "portal" in subjects(facility)[0],
+            "no alert about the portal",
+        )
         check_everything(tally, facility, config, run, status)
 
     scenario.__name__ = f"portal_{kind.replace('-', '_')}"
@@ -355,7 +428,9 @@ def portal_fault(kind):
 def _expect_clean_failure(tally, what, result, code, expected, one_line):
     """Bad input: the exit code, no traceback, and (for a one-line command) exactly one 'mxsync: error:' line."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    tally.expect(result.returncode == code, f"{what}: exit {result.returncode} (expected {code}): {result.stderr[-300:]}")
+    tally.expect(
+        result.returncode == code, f"{what}: exit {result.returncode} (expected {code}): {result.stderr[-300:]}"
+    )
     tally.expect(any(expected in line for line in lines), f"{what}: no line says {expected!r}: {lines[-3:]}")
     if one_line:
         tally.expect(len(lines) == 1 and lines[0].startswith("mxsync: error: "), f"{what}: not one error line: {lines}")
@@ -412,15 +487,30 @@ def malformed_visits(facility, tally, rng):
         make_experiment(facility.root, "mx", epn, frames=1, frame_size=4096, small_files=0)
     records = [
         {"id": 1, "epn": "12282b", "start_time": start, "end_time": end},  # the bare minimum
-        "just a string", 42, None, ["12282c"], {},
+        "just a string",
+        42,
+        None,
+        ["12282c"],
+        {},
         {"id": 2},  # no EPN at all
         {"epn": 12282, "start_time": start, "end_time": end},
         {"epn": ["12282d"], "start_time": start, "end_time": end},
         {"epn": "12282e", "end_time": end},  # no start
         {"epn": "12282h", "start_time": {"at": start}, "end_time": end},
-        {"epn": "12282i", "start_time": start, "end_time": end, "principal_scientist": "Dr Who", "data_scientists": "all"},
-        {"epn": "12282j", "start_time": start, "end_time": end, "principal_scientist": {"first_names": 7, "email": None},
-         "data_scientists": [None, 3, {"last_name": ["x"]}]},
+        {
+            "epn": "12282i",
+            "start_time": start,
+            "end_time": end,
+            "principal_scientist": "Dr Who",
+            "data_scientists": "all",
+        },
+        {
+            "epn": "12282j",
+            "start_time": start,
+            "end_time": end,
+            "principal_scientist": {"first_names": 7, "email": None},
+            "data_scientists": [None, 3, {"last_name": ["x"]}],
+        },
         {"epn": "12282k", "start_time": start, "end_time": end, "data_scientists": {"a": 1}, "id": {"x": []}},
     ]
     for record in records:
@@ -431,13 +521,19 @@ def malformed_visits(facility, tally, rng):
     synced = recorded(config)
     tally.expect(synced == {"12282a", "12282b", "12282i", "12282j", "12282k"}, f"recorded {sorted(synced)}")
     tally.expect(first.returncode == 0, f"exit {first.returncode}: {first.stderr[-300:]}")
-    tally.expect(log_text(facility).count("Suspicious record from portal equipment 23") >= 2 * 9,
-                 "suspicious records not all reported")
+    tally.expect(
+        log_text(facility).count("Suspicious record from portal equipment 23") >= 2 * 9,
+        "suspicious records not all reported",
+    )
     # A visit with no readable end, started two days ago: 12282m, ended a day ago, waits for it.
-    facility.portal.add_raw_visit(23, {"epn": "12282f", "start_time": (NOW - timedelta(days=2)).isoformat(), "end_time": 1e9})
+    facility.portal.add_raw_visit(
+        23, {"epn": "12282f", "start_time": (NOW - timedelta(days=2)).isoformat(), "end_time": 1e9}
+    )
     facility.portal.add_visit(23, "12282m", NOW - timedelta(days=1, hours=8), NOW - timedelta(days=1))
     second = mxsync_main(["--config", config, "--execute", "--once"])
-    tally.expect("12282m" not in recorded(config) and second.returncode == 0, "12282m synced while 12282f may still run")
+    tally.expect(
+        "12282m" not in recorded(config) and second.returncode == 0, "12282m synced while 12282f may still run"
+    )
     check_everything(tally, facility, config, first, second)
 
 
@@ -462,8 +558,13 @@ def odd_times(facility, tally, rng):
     for epn, (start, end, zone) in visits.items():
         make_experiment(facility.root, "mx", epn, frames=1, frame_size=4096, small_files=0)
         records.append({"epn": epn, "start_time": _in_zone(start, zone), "end_time": _in_zone(end, zone)})
-    for epn, text in {"12282j": "2024-02-30T00:00:00Z", "12282k": "yesterday", "12282m": "2024-01-01T00:00:00+25:00",
-                      "12282n": "", "12282p": "2024-01-01T00:00:00+05:45:30.5x"}.items():
+    for epn, text in {
+        "12282j": "2024-02-30T00:00:00Z",
+        "12282k": "yesterday",
+        "12282m": "2024-01-01T00:00:00+25:00",
+        "12282n": "",
+        "12282p": "2024-01-01T00:00:00+05:45:30.5x",
+    }.items():
         make_experiment(facility.root, "mx", epn, frames=1, frame_size=4096, small_files=0)
         records.append({"epn": epn, "start_time": text, "end_time": text})
     with RawPortal(visits=records) as portal:
@@ -496,12 +597,22 @@ def huge_answer(facility, tally, rng):
     add_epns(facility, ["12282a"])
     start, end = ENDED["start"].isoformat(), ENDED["end"].isoformat()
     for number in range(30000):
-        facility.portal.add_raw_visit(23, {"id": number, "epn": f"{50000 + number}a", "start_time": start, "end_time": end,
-                                           "principal_scientist": {"first_names": "A", "last_name": "B", "email": "a@b.c"}})
+        facility.portal.add_raw_visit(
+            23,
+            {
+                "id": number,
+                "epn": f"{50000 + number}a",
+                "start_time": start,
+                "end_time": end,
+                "principal_scientist": {"first_names": "A", "last_name": "B", "email": "a@b.c"},
+            },
+        )
     config = facility.write_config(log_level="INFO")
     result = mxsync_main(["--config", config, "--execute", "--once"])
     tally.runs += 1
-    tally.expect(result.returncode == 0 and recorded(config) == {"12282a"}, f"exit {result.returncode}: {result.stderr[-300:]}")
+    tally.expect(
+        result.returncode == 0 and recorded(config) == {"12282a"}, f"exit {result.returncode}: {result.stderr[-300:]}"
+    )
     tally.expect("30000 unmapped" in log_text(facility), "the plan does not count 30000 unmapped EPNs")
     check_everything(tally, facility, config, result)
 
@@ -517,13 +628,19 @@ def smtp_refusing(facility, tally, rng):
     facility.smtp.fail_with = "554 5.7.1 Message rejected by policy"
     first = run_tool(MXSYNC, "--config", config, "--execute", "--once")
     tally.runs += 1
-    tally.expect(first.returncode == 1 and recorded(config) == {"12282a"}, f"exit {first.returncode}, {recorded(config)}")
-    tally.expect("Could not send the failure alert" in log_text(facility) and "554" in log_text(facility),
-                 "the refused alert is not logged with the server's answer")
+    tally.expect(
+        first.returncode == 1 and recorded(config) == {"12282a"}, f"exit {first.returncode}, {recorded(config)}"
+    )
+    tally.expect(
+        "Could not send the failure alert" in log_text(facility) and "554" in log_text(facility),
+        "the refused alert is not logged with the server's answer",
+    )
     facility.smtp.fail_with = None
     second = run_tool(MXSYNC, "--config", config, "--execute", "--once")
-    tally.expect(wait_for(lambda: facility.smtp.messages, timeout=10) and "12282z" in subjects(facility)[0],
-                 "the alert was not sent once SMTP accepted mail")
+    tally.expect(
+        wait_for(lambda: facility.smtp.messages, timeout=10) and "12282z" in subjects(facility)[0],
+        "the alert was not sent once SMTP accepted mail",
+    )
     tally.expect(facility.smtp.messages[0].login == SMTP_LOGIN[0] if facility.smtp.messages else False, "no SMTP login")
     check_everything(tally, facility, config, first, second)
 
@@ -540,8 +657,15 @@ def service_under_faults(facility, tally, rng):
     """
     add_epns(facility, ["12282a", "12282b", "12282c"])
     smtp = require_smtp_login(facility)
-    options = dict(sync_frequency_hours=0.001, failure_alert_cycles=1, portal_retries=1, ssh_connect_timeout=3,
-                   rsync_retries=0, max_tasks=2, **smtp)
+    options = dict(
+        sync_frequency_hours=0.001,
+        failure_alert_cycles=1,
+        portal_retries=1,
+        ssh_connect_timeout=3,
+        rsync_retries=0,
+        max_tasks=2,
+        **smtp,
+    )
     config = facility.write_config(**options)
     facility.portal.add_fault("html", EQUIPMENT_PATH, count=4)  # two attempts per cycle, two cycles
     facility.smtp.fail_with = "451 4.3.0 Mail server temporarily unavailable"
@@ -554,6 +678,7 @@ def service_under_faults(facility, tally, rng):
 def _service_cycles(facility, tally, rng, config, options, mounted):
     process = start_tool(MXSYNC, "--config", config, "--execute")
     try:
+
         def after_cycle(number):
             reached = wait_for(lambda: cycles_finished(facility) >= number, process, timeout=60)
             return tally.expect(reached, f"cycle {number} never finished (exit {process.poll()})")
@@ -597,10 +722,18 @@ def _service_cycles(facility, tally, rng, config, options, mounted):
     log = log_text(facility)
     tally.expect(result.returncode == 0, f"exit {result.returncode} after SIGTERM (expected 0): {result.stderr[-500:]}")
     tally.expect(cycles_finished(facility) == 6, f"{cycles_finished(facility)} cycles finished (expected 6)")
-    for evidence in ("Down for maintenance", "Could not send the failure alert", "config.yml changed but is invalid",
-                     "12282b: FAILED", "12282d: stopped before it finished; nothing recorded", "mxsync stopped"):
+    for evidence in (
+        "Down for maintenance",
+        "Could not send the failure alert",
+        "config.yml changed but is invalid",
+        "12282b: FAILED",
+        "12282d: stopped before it finished; nothing recorded",
+        "mxsync stopped",
+    ):
         tally.expect(evidence in log, f"the log lacks {evidence!r}")
-    tally.expect("REMOTE HOST IDENTIFICATION HAS CHANGED" in log or "Host key verification failed" in log, "no host key line")
+    tally.expect(
+        "REMOTE HOST IDENTIFICATION HAS CHANGED" in log or "Host key verification failed" in log, "no host key line"
+    )
     tally.expect(("not writable" if mounted else "does not exist") in log, "no destination line")
     tally.expect(recorded(config) == {"12282a", "12282c"}, f"recorded {sorted(recorded(config))}")
     tally.expect(all(complete_copy(facility, "ny79", epn) for epn in ("12282a", "12282c")), "a copy differs")
@@ -615,17 +748,62 @@ def _service_cycles(facility, tally, rng, config, options, mounted):
 # ---------------------------------------------------------------- hostile names
 
 HOSTILE_EPNS = [
-    "../../12282a", "12282a/../../x", "/etc/passwd", "..", ".", "", " 12282a", "12282a ", "12282 a",
-    "-e touch pwned", "--rsh=sh -c 'touch pwned'", "-12282a", "12282a\n", "12282a\nrm -rf /", "12282a;touch pwned",
-    "12282a$(touch pwned)", "12282a`touch pwned`", "12282a|touch pwned", "12282a&&touch pwned", "12282a*", "12282?",
-    "１２２８２a", "12282а", "12282ａ", "12282a\u200b", "12282a\u202e", "12282a\x00", "1" * 300 + "a", "12282" + "a" * 300,
-    "%2e%2e%2f12282a", "12282a/", "~root", "12282A",
+    "../../12282a",
+    "12282a/../../x",
+    "/etc/passwd",
+    "..",
+    ".",
+    "",
+    " 12282a",
+    "12282a ",
+    "12282 a",
+    "-e touch pwned",
+    "--rsh=sh -c 'touch pwned'",
+    "-12282a",
+    "12282a\n",
+    "12282a\nrm -rf /",
+    "12282a;touch pwned",
+    "12282a$(touch pwned)",
+    "12282a`touch pwned`",
+    "12282a|touch pwned",
+    "12282a&&touch pwned",
+    "12282a*",
+    "12282?",
+    "１２２８２a",
+    "12282а",
+    "12282ａ",
+    "12282a\u200b",
+    "12282a\u202e",
+    "12282a\x00",
+    "1" * 300 + "a",
+    "12282" + "a" * 300,
+    "%2e%2e%2f12282a",
+    "12282a/",
+    "~root",
+    "12282A",
 ]
 
 HOSTILE_FILES = [
-    "-rf", "--delete", "-e sh", "--rsh=touch pwned", "new\nline", "tab\tname", " leading space", "trailing space ",
-    "...", "..a", "..\\..\\x", "$(touch pwned)", "`touch pwned`", ";touch pwned", "a|b", "a&b", "x\\#012y",
-    "caf\u00e9", "\u202eexe.cbf", "L" * 255,
+    "-rf",
+    "--delete",
+    "-e sh",
+    "--rsh=touch pwned",
+    "new\nline",
+    "tab\tname",
+    " leading space",
+    "trailing space ",
+    "...",
+    "..a",
+    "..\\..\\x",
+    "$(touch pwned)",
+    "`touch pwned`",
+    ";touch pwned",
+    "a|b",
+    "a&b",
+    "x\\#012y",
+    "caf\u00e9",
+    "\u202eexe.cbf",
+    "L" * 255,
 ]
 
 
@@ -633,8 +811,9 @@ def hostile_portal_names(facility, tally, rng):
     """Hostile EPN names from the portal never become paths or rsync arguments; the good EPN still syncs."""
     add_epns(facility, ["12282a"])
     for name in HOSTILE_EPNS:
-        facility.portal.add_raw_visit(23, {"epn": name, "start_time": ENDED["start"].isoformat(),
-                                           "end_time": ENDED["end"].isoformat()})
+        facility.portal.add_raw_visit(
+            23, {"epn": name, "start_time": ENDED["start"].isoformat(), "end_time": ENDED["end"].isoformat()}
+        )
     config = facility.write_config()
     outside = outside_destination(facility)
     result = run_tool(MXSYNC, "--config", config, "--execute", "--once")
@@ -642,12 +821,16 @@ def hostile_portal_names(facility, tally, rng):
     tally.expect(result.returncode == 0, f"exit {result.returncode}: {result.stderr[-300:]}")
     tally.expect(recorded(config) == {"12282a"}, f"recorded {sorted(recorded(config))}")
     tally.expect(outside_destination(facility) == outside, "something outside the destination changed")
-    tally.expect(sorted(os.listdir(facility.destination)) == ["ny79"], f"destination: {os.listdir(facility.destination)}")
+    tally.expect(
+        sorted(os.listdir(facility.destination)) == ["ny79"], f"destination: {os.listdir(facility.destination)}"
+    )
     tally.expect(os.listdir(facility.destination / "ny79") == ["12282a"], "more than 12282a under ny79")
     _expect_safe_rsync_argv(tally, facility, config, {"12282a"})
     _expect_no_canary(tally, facility)
-    tally.expect(log_text(facility).count("Suspicious record from portal equipment 23") == len(HOSTILE_EPNS),
-                 "not every hostile name was reported as suspicious")
+    tally.expect(
+        log_text(facility).count("Suspicious record from portal equipment 23") == len(HOSTILE_EPNS),
+        "not every hostile name was reported as suspicious",
+    )
     check_everything(tally, facility, config, result)
 
 
@@ -656,8 +839,13 @@ def _expect_safe_rsync_argv(tally, facility, config, epns):
     commands = rsync_commands(log_text(facility))
     tally.expect(commands, "no rsync command line in the DEBUG log")
     for command in commands:
-        problems = unexpected_rsync_arguments(command, f"{facility.sshd.username}@{facility.sshd.host}",
-                                              f"{facility.root}/data/mx", str(facility.destination), epns)
+        problems = unexpected_rsync_arguments(
+            command,
+            f"{facility.sshd.username}@{facility.sshd.host}",
+            f"{facility.root}/data/mx",
+            str(facility.destination),
+            epns,
+        )
         tally.expect(not problems, f"rsync argument list: {problems}")
 
 
@@ -691,8 +879,11 @@ def hostile_file_names(facility, tally, rng):
     tally.expect(result.returncode == 0, f"exit {result.returncode}: {result.stderr[-400:]}")
     tally.expect(recorded(config) == {"12282a"}, "12282a not recorded")
     expected, got = manifest(experiment), manifest(data, include=None)
-    tally.expect(got == expected, f"destination differs: missing {sorted(set(expected) - set(got))[:3]}, "
-                                  f"extra {sorted(set(got) - set(expected))[:3]}")
+    tally.expect(
+        got == expected,
+        f"destination differs: missing {sorted(set(expected) - set(got))[:3]}, "
+        f"extra {sorted(set(got) - set(expected))[:3]}",
+    )
     links = [str(path) for path in data.rglob("*") if path.is_symlink()]
     tally.expect(not links, f"symlinks at the destination: {links}")
     tally.expect(all(b"OUTSIDE-CONTENT" not in (data / path).read_bytes() for path in got), "outside content copied")
@@ -701,10 +892,31 @@ def hostile_file_names(facility, tally, rng):
     _expect_no_canary(tally, facility)
     check_everything(tally, facility, config, result)
 
+
 HOSTILE_PROJECTS = [
-    "..", "../x", "/etc", "ny79/../../x", "ny79/", "ny 79", " ny79", "ny79\n", "-rf", "--delete", "$(touch pwned)",
-    "ny79;touch pwned", "ny79`id`", "ｎｙ７９", "ny79\u200b", "ny\u202e97", "a" * 300, ".hidden", "", "~root", "ny..79",
-    ["ny79"], {"ny": 79},
+    "..",
+    "../x",
+    "/etc",
+    "ny79/../../x",
+    "ny79/",
+    "ny 79",
+    " ny79",
+    "ny79\n",
+    "-rf",
+    "--delete",
+    "$(touch pwned)",
+    "ny79;touch pwned",
+    "ny79`id`",
+    "ｎｙ７９",
+    "ny79\u200b",
+    "ny\u202e97",
+    "a" * 300,
+    ".hidden",
+    "",
+    "~root",
+    "ny..79",
+    ["ny79"],
+    {"ny": 79},
 ]  # None (unmapped, with a warning) and 79 (folder '79') are what HPC ASSyncy accepted: see tests/test_compat.py
 
 
@@ -718,17 +930,26 @@ def hostile_projects(facility, tally, rng):
     for project in HOSTILE_PROJECTS:
         config = facility.write_config(epn_cap_map={"12282": project, "13000": "ab12"})
         before = outside_destination(facility)
-        results = [mxsync_main(["--config", config, "--execute", "--once"]), run_in_process(epnalert_main, ["--config", config])]
+        results = [
+            mxsync_main(["--config", config, "--execute", "--once"]),
+            run_in_process(epnalert_main, ["--config", config]),
+        ]
         tally.runs += 1
         for program, result in zip(("mxsync", "epnalert"), results):
             lines = result.stderr.splitlines()
-            tally.expect(result.returncode == 2 and lines and all(line.startswith(f"{program}: error: ") for line in lines)
-                         and any("epn_cap_map.12282" in line for line in lines),
-                         f"{project!r}: {program} exit {result.returncode}, stderr {result.stderr[:300]!r}")
+            tally.expect(
+                result.returncode == 2
+                and lines
+                and all(line.startswith(f"{program}: error: ") for line in lines)
+                and any("epn_cap_map.12282" in line for line in lines),
+                f"{project!r}: {program} exit {result.returncode}, stderr {result.stderr[:300]!r}",
+            )
         tally.expect(not any(facility.destination.iterdir()), f"{project!r}: something written at the destination")
         tally.expect(outside_destination(facility) == before, f"{project!r}: something changed outside the destination")
-        tally.expect(not any(any((facility.workdir / folder).iterdir()) for folder in ("state", "log")),
-                     f"{project!r}: a state or log file was written")
+        tally.expect(
+            not any(any((facility.workdir / folder).iterdir()) for folder in ("state", "log")),
+            f"{project!r}: a state or log file was written",
+        )
         _expect_no_canary(tally, facility)
         tally.scan(outputs(facility, *results), secrets_of(facility))
 
@@ -751,8 +972,22 @@ def _alert_text(facility):
 
 
 HOSTILE_FOLDERS = [
-    "-rf", "--delete", "new\nline", " 20001a", "20001a ", "$(touch pwned)", "a;touch pwned", "`id`", "２００１a",
-    "20001а", "<script>alert(1)", "<img src=x onerror=alert(1)>", "..a", "x" * 250, "20001A", "20001a\u202e",
+    "-rf",
+    "--delete",
+    "new\nline",
+    " 20001a",
+    "20001a ",
+    "$(touch pwned)",
+    "a;touch pwned",
+    "`id`",
+    "２００１a",
+    "20001а",
+    "<script>alert(1)",
+    "<img src=x onerror=alert(1)>",
+    "..a",
+    "x" * 250,
+    "20001A",
+    "20001a\u202e",
 ]
 
 
@@ -796,14 +1031,23 @@ def epnalert_undecodable_folder(facility, tally, rng):
     banner = _alert_text(facility).split("\n\n")[0]
     tally.expect("THIS LIST MAY BE INCOMPLETE" in banner and "not UTF-8" in banner, f"banner: {banner[:300]!r}")
     check = mxsync_main(["check", "--config", config, "--connect"])
-    tally.expect(check.returncode == 1 and any(line.startswith("FAILED  SSH login and SFTP listing") and "not UTF-8" in line
-                                                for line in check.stdout.splitlines()), f"check --connect: {check.stdout}")
+    tally.expect(
+        check.returncode == 1
+        and any(
+            line.startswith("FAILED  SSH login and SFTP listing") and "not UTF-8" in line
+            for line in check.stdout.splitlines()
+        ),
+        f"check --connect: {check.stdout}",
+    )
     tally.scan(outputs(facility, result, check), secrets_of(facility))
 
 
 EPNALERT_PORTAL_FAULTS = {
-    "slow": "no answer within 1 s", "truncated": "not valid JSON", "unauthorized": "refused a fresh access token",
-    "close": "cannot connect", "token-html": "Down for maintenance",
+    "slow": "no answer within 1 s",
+    "truncated": "not valid JSON",
+    "unauthorized": "refused a fresh access token",
+    "close": "cannot connect",
+    "token-html": "Down for maintenance",
 }
 
 
@@ -821,10 +1065,14 @@ def epnalert_portal_fault(kind):
         tally.runs += 1
         tally.expect(result.returncode == 0, f"exit {result.returncode}: {result.stderr[-300:]}")
         banner = _alert_text(facility).split("\n\n")[0]
-        tally.expect("THIS LIST MAY BE INCOMPLETE" in banner and EPNALERT_PORTAL_FAULTS[kind] in banner,
-                     f"banner: {banner[:300]!r}")
-        tally.expect(all(line.startswith("WARNING") for line in result.stderr.splitlines() if line.strip()),
-                     f"stderr beyond the source warning: {result.stderr[:300]!r}")
+        tally.expect(
+            "THIS LIST MAY BE INCOMPLETE" in banner and EPNALERT_PORTAL_FAULTS[kind] in banner,
+            f"banner: {banner[:300]!r}",
+        )
+        tally.expect(
+            all(line.startswith("WARNING") for line in result.stderr.splitlines() if line.strip()),
+            f"stderr beyond the source warning: {result.stderr[:300]!r}",
+        )
         tally.scan(outputs(facility, result), secrets_of(facility))
 
     scenario.__name__ = f"epnalert_portal_{kind.replace('-', '_')}"
@@ -839,8 +1087,10 @@ def epnalert_smtp_login_refused(facility, tally, rng):
     refused = _epnalert(facility.write_config(**wrong), "-v")
     tally.runs += 1
     lines = [line for line in refused.stderr.splitlines() if line.startswith("epnalert: error: ")]
-    tally.expect(refused.returncode == 1 and len(lines) == 1 and "refused the login" in lines[0],
-                 f"exit {refused.returncode}: {refused.stderr[-300:]}")
+    tally.expect(
+        refused.returncode == 1 and len(lines) == 1 and "refused the login" in lines[0],
+        f"exit {refused.returncode}: {refused.stderr[-300:]}",
+    )
     accepted = _epnalert(facility.write_config(**good), "-v")
     tally.expect(accepted.returncode == 0 and facility.smtp.messages, f"exit {accepted.returncode}")
     secrets = secrets_of(facility)
@@ -915,7 +1165,9 @@ def source_grows_mid_transfer(facility, tally, rng):
     process = start_tool(MXSYNC, "--config", config, "--execute", "--once")
     data = facility.destination / "ny79" / "12282a" / "data" / "frames"
     # The first frame is on its way (rsync's temporary file exists): the file grows at the source.
-    tally.expect(wait_for(lambda: any(data.glob(".12282a_0001.cbf.*")), process, timeout=30), "the transfer never started")
+    tally.expect(
+        wait_for(lambda: any(data.glob(".12282a_0001.cbf.*")), process, timeout=30), "the transfer never started"
+    )
     time.sleep(rng.uniform(0.0, 0.5))
     with open(experiment / "frames" / "12282a_0001.cbf", "ab") as growing:
         growing.write(os.urandom(rng.randint(1, 64 * 1024)))
@@ -923,6 +1175,8 @@ def source_grows_mid_transfer(facility, tally, rng):
     tally.runs += 1
     check_everything(tally, facility, config, result)
     again = run_tool(MXSYNC, "--config", config, "--execute", "--once")
-    tally.expect(again.returncode == 0 and "12282a" in recorded(config) and complete_copy(facility, "ny79", "12282a"),
-                 f"the next pass did not complete 12282a (exit {again.returncode})")
+    tally.expect(
+        again.returncode == 0 and "12282a" in recorded(config) and complete_copy(facility, "ny79", "12282a"),
+        f"the next pass did not complete 12282a (exit {again.returncode})",
+    )
     check_everything(tally, facility, config, result, again)

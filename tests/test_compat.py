@@ -79,9 +79,7 @@ def test_old_login_with_an_at_sign_loads(legacy):
 )
 def test_login_that_could_be_an_option_or_split_the_target_is_refused(legacy, username):
     (problem,) = problems(legacy, username=username)
-    assert problem.startswith(
-        "username: expected a login name such as help@massive.org.au"
-    )
+    assert problem.startswith("username: expected a login name such as help@massive.org.au")
 
 
 def test_check_accepts_the_old_login(legacy):
@@ -135,9 +133,7 @@ def test_rsync_hands_ssh_the_old_login_and_the_host_apart(legacy, tmp_path):
         f"open({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\nsys.exit(255)\n"
     )
     recorder.chmod(0o755)
-    command = RsyncRunner(config, dry_run=True).rsync_arguments(
-        "/data/mx/12282a", tmp_path / "destination"
-    )
+    command = RsyncRunner(config, dry_run=True).rsync_arguments("/data/mx/12282a", tmp_path / "destination")
     environment = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(
         command,
@@ -149,10 +145,7 @@ def test_rsync_hands_ssh_the_old_login_and_the_host_apart(legacy, tmp_path):
 
     passed = json.loads(record.read_text())
     host_at = passed.index("sftp.synchrotron.org.au")
-    assert (
-        passed[host_at - 2 : host_at] == ["-l", OLD_LOGIN]
-        and passed[host_at + 1] == "rsync"
-    )
+    assert passed[host_at - 2 : host_at] == ["-l", OLD_LOGIN] and passed[host_at + 1] == "rsync"
     settings = _ssh_config_dump(passed[: host_at + 1])
     assert (settings["user"], settings["hostname"]) == (
         OLD_LOGIN,
@@ -265,9 +258,7 @@ def test_role_assert_takes_the_old_login_and_refuses_what_mxsync_refuses(tmp_pat
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     verdicts = json.loads(verdicts_file.read_text())
     assert verdicts == {name: name in (OLD_LOGIN, "mxdata") for name in names}
-    assert verdicts == {
-        name: USERNAME_PATTERN.fullmatch(name) is not None for name in names
-    }  # as mxsync decides
+    assert verdicts == {name: USERNAME_PATTERN.fullmatch(name) is not None for name in names}  # as mxsync decides
 
 
 # ---------------------------------------------------------------- email addresses
@@ -303,14 +294,10 @@ ACCEPTED_RECIPIENTS = [
 
 @pytest.mark.parametrize("value, header_forms, bare", ACCEPTED_RECIPIENTS)
 def test_recipients_as_the_old_tool_took_them(legacy, value, header_forms, bare):
-    config = load_config(
-        legacy(**{"epnalert-email-to": value, "mxsync-email-to": value})
-    )
+    config = load_config(legacy(**{"epnalert-email-to": value, "mxsync-email-to": value}))
     assert list(config.email_to) == list(config.mxsync_email_to) == header_forms
     # What smtplib's MAIL FROM and RCPT TO send for each: the bare address.
-    assert [smtplib.quoteaddr(address) for address in config.email_to] == [
-        f"<{b}>" for b in bare
-    ]
+    assert [smtplib.quoteaddr(address) for address in config.email_to] == [f"<{b}>" for b in bare]
 
 
 @pytest.mark.parametrize(
@@ -345,15 +332,11 @@ def test_recipients_that_are_not_addresses_are_refused(legacy, value, bad):
 
 
 def test_sender_with_a_display_name(legacy):
-    config = load_config(
-        legacy(**{"epnalert-email-from": '"MX sync, HPC" <mxsync@domain.edu>'})
-    )
+    config = load_config(legacy(**{"epnalert-email-from": '"MX sync, HPC" <mxsync@domain.edu>'}))
     assert config.email_from == '"MX sync, HPC" <mxsync@domain.edu>'
     assert smtplib.quoteaddr(config.email_from) == "<mxsync@domain.edu>"
     assert (
-        load_config(
-            legacy(**{"epnalert-email-from": "MX sync <mxsync@domain.edu>"})
-        ).email_from
+        load_config(legacy(**{"epnalert-email-from": "MX sync <mxsync@domain.edu>"})).email_from
         == "MX sync <mxsync@domain.edu>"
     )
     assert load_config(legacy()).email_from == "from@domain.edu"
@@ -398,8 +381,7 @@ def test_epnalert_email_carries_the_names_in_headers_and_bare_addresses_in_the_e
     assert received.raw.isascii()  # the non-ASCII name went as an encoded word
     email_log = (facility.workdir / "log" / "email.log").read_text(encoding="utf-8")
     assert (
-        "Sent to Staff <staff@hpc.example.org>, other@hpc.example.org, Zoë Ångström <zoe@hpc.example.org>"
-        in email_log
+        "Sent to Staff <staff@hpc.example.org>, other@hpc.example.org, Zoë Ångström <zoe@hpc.example.org>" in email_log
     )
 
 
@@ -434,22 +416,16 @@ def test_failure_alert_goes_to_mxsync_recipients_with_names(legacy, smtp_sink):
 # ---------------------------------------------------------------- other keys HPC ASSyncy took
 
 
-@pytest.mark.parametrize(
-    "comment", [["line one", "line two"], {"by": "staff"}, True, 2024, None]
-)
+@pytest.mark.parametrize("comment", [["line one", "line two"], {"by": "staff"}, True, 2024, None])
 def test_comment_may_hold_anything(legacy, comment):
     assert load_config(legacy(comment=comment)).warnings == ()
 
 
 def test_cap_map_entry_without_a_folder_is_unmapped_with_a_warning(legacy):
-    config = load_config(
-        legacy(epn_cap_map={"12282": "ny79", "12283": None, "12284": 1234})
-    )
+    config = load_config(legacy(epn_cap_map={"12282": "ny79", "12283": None, "12284": 1234}))
     assert config.project_for("12282") == "ny79"
     assert config.project_for("12283") is None
-    assert (
-        config.project_for("12284") == "1234"
-    )  # HPC ASSyncy wrote the number into the path
+    assert config.project_for("12284") == "1234"  # HPC ASSyncy wrote the number into the path
     (warning,) = config.warnings
     assert warning.endswith(
         "epn_cap_map.12283: no project folder given, so its EPNs are treated as unmapped: "
@@ -459,14 +435,10 @@ def test_cap_map_entry_without_a_folder_is_unmapped_with_a_warning(legacy):
 
 def test_cap_map_key_written_without_quotes_matches(legacy):
     """HPC ASSyncy looked the number up as text, so `12282: ny79` never matched there (see the README)."""
-    assert (
-        load_config(legacy(epn_cap_map={12282: "ny79"})).project_for("12282") == "ny79"
-    )
+    assert load_config(legacy(epn_cap_map={12282: "ny79"})).project_for("12282") == "ny79"
 
 
-@pytest.mark.parametrize(
-    "days, expected", [(200, 200), (7.5, 7.5), (30.0, 30), ("200", 200)]
-)
+@pytest.mark.parametrize("days, expected", [(200, 200), (7.5, 7.5), (30.0, 30), ("200", 200)])
 def test_visit_day_range_takes_what_timedelta_took(legacy, days, expected):
     value = load_config(legacy(**{"visit-day-range": days})).visit_day_range
     assert value == expected and type(value) is type(expected)

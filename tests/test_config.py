@@ -65,7 +65,9 @@ def test_legacy_sample_loads_with_old_meanings(legacy_copy):
     assert config.warnings == ()
 
 
-@pytest.mark.parametrize("level, expected", [("logging.DEBUG", 10), ("DEBUG", 10), ("info", 20), ("WARN", 30), (40, 40)])
+@pytest.mark.parametrize(
+    "level, expected", [("logging.DEBUG", 10), ("DEBUG", 10), ("info", 20), ("WARN", 30), (40, 40)]
+)
 def test_log_level_spellings(tmp_path, level, expected):
     assert load_config(write(tmp_path, {**legacy_data(), "log-level": level})).log_level == expected
 
@@ -185,10 +187,33 @@ def test_rsync_option_outside_the_allow_list_is_refused_with_its_reason(tmp_path
 
 
 ALLOWED_RSYNC_OPTIONS = [
-    "--compress", "-z", "-zW", "-z4", "--zc=zstd", "--compress-choice=zlib", "--zl=3", "--compress-level=9",
-    "--skip-compress=gz/bz2/h5", "--bwlimit=50M", "--cc=xxh128", "--checksum-choice=xxh3,md5",
-    "--block-size=128K", "--block-size=8192", "--whole-file", "-W", "--no-whole-file", "--no-W", "--sparse", "-S",
-    "--omit-dir-times", "-O", "--fsync", "--max-alloc=4G", "--numeric-ids", "--ipv4", "-6",
+    "--compress",
+    "-z",
+    "-zW",
+    "-z4",
+    "--zc=zstd",
+    "--compress-choice=zlib",
+    "--zl=3",
+    "--compress-level=9",
+    "--skip-compress=gz/bz2/h5",
+    "--bwlimit=50M",
+    "--cc=xxh128",
+    "--checksum-choice=xxh3,md5",
+    "--block-size=128K",
+    "--block-size=8192",
+    "--whole-file",
+    "-W",
+    "--no-whole-file",
+    "--no-W",
+    "--sparse",
+    "-S",
+    "--omit-dir-times",
+    "-O",
+    "--fsync",
+    "--max-alloc=4G",
+    "--numeric-ids",
+    "--ipv4",
+    "-6",
 ]
 
 
@@ -212,7 +237,9 @@ def _itemised_copy(tmp_path, option):
     destination.mkdir()
     process = subprocess.run(
         ["rsync", *BASE_OPTIONS, option, f"{source}/", f"{destination}/"],
-        capture_output=True, stdin=subprocess.DEVNULL, check=False,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
     result = TransferResult("12282a")
     for line in process.stdout.splitlines(keepends=True):
@@ -223,7 +250,10 @@ def _itemised_copy(tmp_path, option):
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
 @pytest.mark.parametrize("option", ALLOWED_RSYNC_OPTIONS)
 def test_real_rsync_takes_each_allowed_option_and_still_itemises_every_file(tmp_path, option):
-    assert _itemised_copy(tmp_path, option) == (0, [".info", "frames/img_0001.cbf", "frames/img_0002.cbf", "home/process.log"])
+    assert _itemised_copy(tmp_path, option) == (
+        0,
+        [".info", "frames/img_0001.cbf", "frames/img_0002.cbf", "home/process.log"],
+    )
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
@@ -236,7 +266,10 @@ def test_check_command_exits_2_naming_the_refused_option(legacy_copy):
     data = {**legacy_data(), "rsync-options": ["-z", "--del"]}
     legacy_copy.write_text(yaml.safe_dump(data))
     result = subprocess.run(
-        [str(MXSYNC), "check", "--config", str(legacy_copy)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        [str(MXSYNC), "check", "--config", str(legacy_copy)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
         check=False,
     )
     assert result.returncode == 2, result.stderr
@@ -249,13 +282,18 @@ def test_missing_key_file_is_a_config_problem_at_its_key(tmp_path, legacy_copy, 
     with pytest.raises(ConfigError) as raised:
         load_config(legacy_copy)
     (problem,) = raised.value.problems
-    assert problem.startswith(f"key-file: {legacy_key_file}: No such file or directory; set key-file to the private SSH key")
+    assert problem.startswith(
+        f"key-file: {legacy_key_file}: No such file or directory; set key-file to the private SSH key"
+    )
 
 
 def test_check_command_reports_a_missing_key_file_without_connecting(legacy_copy, legacy_key_file):
     legacy_key_file.unlink()
     result = subprocess.run(
-        [str(MXSYNC), "check", "--config", str(legacy_copy)], capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        [str(MXSYNC), "check", "--config", str(legacy_copy)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
         check=False,
     )
     assert result.returncode == 2 and f"key-file: {legacy_key_file}: No such file or directory" in result.stderr
@@ -263,8 +301,11 @@ def test_check_command_reports_a_missing_key_file_without_connecting(legacy_copy
 
 def test_key_file_that_is_a_directory_or_readable_by_others_is_refused(tmp_path, legacy_copy, legacy_key_file):
     legacy_key_file.chmod(0o644)
-    with pytest.raises(ConfigError, match=r"key-file: .*mx_key: mode 644 lets others read the key, so ssh refuses it; "
-                                          r"run: chmod 600 "):
+    with pytest.raises(
+        ConfigError,
+        match=r"key-file: .*mx_key: mode 644 lets others read the key, so ssh refuses it; "
+        r"run: chmod 600 ",
+    ):
         load_config(legacy_copy)
     legacy_key_file.unlink()
     legacy_key_file.mkdir()
@@ -298,15 +339,20 @@ def test_waiting_for_data_alert_hours(tmp_path):
 
 def test_portal_time_format(tmp_path):
     assert load_config(write(tmp_path, legacy_data())).portal_time_format == "local"
-    assert load_config(write(tmp_path, {**legacy_data(), "portal-time-format": "utc-offset"})).portal_time_format == "utc-offset"
+    assert (
+        load_config(write(tmp_path, {**legacy_data(), "portal-time-format": "utc-offset"})).portal_time_format
+        == "utc-offset"
+    )
     (problem,) = problems_of(tmp_path, portal_time_format="UTC")
     assert problem == "portal-time-format: expected one of local, utc, utc-offset, got 'UTC'"
 
 
 def test_waiting_for_data_alert_beyond_the_visit_range_warns(tmp_path):
     config = load_config(write(tmp_path, {**legacy_data(), "waiting-for-data-alert-hours": 24 * 201}))
-    assert any("waiting-for-data-alert-hours: 4824 hours is beyond visit-day-range (200 days)" in warning
-               for warning in config.warnings)
+    assert any(
+        "waiting-for-data-alert-hours: 4824 hours is beyond visit-day-range (200 days)" in warning
+        for warning in config.warnings
+    )
 
 
 def test_readable_config_with_passwords_warns(legacy_copy):
@@ -339,8 +385,15 @@ def test_secrets_listed_for_masking(legacy_copy):
     assert set(load_config(legacy_copy).secrets()) == {"password"}
 
 
-@pytest.mark.parametrize("key, value", [("sync-frequency-hours", 1e300), ("portal-timeout", 1e9), ("epnalert-repeat-days", 4000),
-                                        ("waiting-for-data-alert-hours", 1e6)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("sync-frequency-hours", 1e300),
+        ("portal-timeout", 1e9),
+        ("epnalert-repeat-days", 4000),
+        ("waiting-for-data-alert-hours", 1e6),
+    ],
+)
 def test_absurd_durations_are_refused(tmp_path, key, value):
     with pytest.raises(ConfigError, match=f"{key}: expected a number of at most"):
         load_config(write(tmp_path, {**legacy_data(), key: value}))

@@ -76,9 +76,7 @@ DEFAULT_UNIT_VARIABLES = {
 def _missing(reason):
     """Skip with `reason`, or fail under CI=true, where every deployment test must run."""
     if IN_CI:
-        pytest.fail(
-            f"{reason} (CI=true: deployment tests must run; install with pip install '.[deploy-test]')"
-        )
+        pytest.fail(f"{reason} (CI=true: deployment tests must run; install with pip install '.[deploy-test]')")
     pytest.skip(reason)
 
 
@@ -87,9 +85,7 @@ def _tool(name):
     beside = Path(sys.executable).parent / name
     path = str(beside) if beside.exists() else shutil.which(name)
     if path is None:
-        _missing(
-            f"{name} is not installed (it comes with the setup.cfg extra deploy-test)"
-        )
+        _missing(f"{name} is not installed (it comes with the setup.cfg extra deploy-test)")
     return path
 
 
@@ -104,22 +100,14 @@ PROGRAMS = {
 
 def _require_programs():
     """Skip (fail under CI=true) naming each missing program and its package, instead of FileNotFoundError."""
-    missing = [
-        f"{name} (Debian package {package})"
-        for name, package in PROGRAMS.items()
-        if not shutil.which(name)
-    ]
+    missing = [f"{name} (Debian package {package})" for name, package in PROGRAMS.items() if not shutil.which(name)]
     if missing:
-        _missing(
-            f"missing {', '.join(missing)}; scripts/bootstrap installs them when run as root"
-        )
+        _missing(f"missing {', '.join(missing)}; scripts/bootstrap installs them when run as root")
 
 
 def _require_root():
     if os.geteuid() != 0:
-        _missing(
-            "applying the role needs root: it creates a service account, installs packages, writes a crontab"
-        )
+        _missing("applying the role needs root: it creates a service account, installs packages, writes a crontab")
 
 
 def _environment():
@@ -154,9 +142,7 @@ def _recap(output):
     """Given ansible-playbook output, return the PLAY RECAP counters of localhost as a dict."""
     match = re.search(r"^localhost\s*:\s*(.*)$", output, re.MULTILINE)
     assert match, f"no PLAY RECAP line in the output:\n{output[-3000:]}"
-    return {
-        key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))
-    }
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
 def _changed_tasks(output):
@@ -196,9 +182,7 @@ class _VarsDumper(yaml.SafeDumper):
     """Writes inventory variables, _Vaulted ones as `!vault |` blocks."""
 
 
-_VarsDumper.add_representer(
-    _Vaulted, lambda dumper, value: dumper.represent_scalar("!vault", value, style="|")
-)
+_VarsDumper.add_representer(_Vaulted, lambda dumper, value: dumper.represent_scalar("!vault", value, style="|"))
 
 
 def _vault(text, password_file):
@@ -214,22 +198,14 @@ def _vault(text, password_file):
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    start = next(
-        index
-        for index, line in enumerate(lines)
-        if line.strip().startswith("$ANSIBLE_VAULT")
-    )
-    return _Vaulted(
-        "\n".join(line.strip() for line in lines[start:] if line.strip()) + "\n"
-    )
+    start = next(index for index, line in enumerate(lines) if line.strip().startswith("$ANSIBLE_VAULT"))
+    return _Vaulted("\n".join(line.strip() for line in lines[start:] if line.strip()) + "\n")
 
 
 def _render_unit_template(**variables):
     """Render the role's unit template with plain Jinja; return the text after its header comment."""
     text = (ROLE / "templates" / "mx_sync.service.j2").read_text()
-    template = jinja2.Template(
-        text, keep_trailing_newline=True, undefined=jinja2.StrictUndefined
-    )
+    template = jinja2.Template(text, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     return _body(template.render(ansible_managed="Ansible managed", **variables))
 
 
@@ -243,9 +219,7 @@ def _systemd_verify(unit_path):
     tool = shutil.which("systemd-analyze")
     if tool is None:
         pytest.skip("systemd-analyze is not installed")
-    result = subprocess.run(
-        [tool, "verify", str(unit_path)], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run([tool, "verify", str(unit_path)], capture_output=True, text=True, check=False)
     # verify exits 0 even for unknown keys or unparsable values; it only prints them.
     return result.returncode, (result.stdout + result.stderr).strip()
 
@@ -268,9 +242,7 @@ def test_sample_config_lists_every_key_with_a_comment_old_keys_first_in_the_old_
         match = re.match(r"^(?:# )?([a-z_-]+):", line)
         if match and match.group(1) in TOP_LEVEL and match.group(1) not in positions:
             positions[match.group(1)] = number
-    assert sorted(positions) == sorted(TOP_LEVEL), (
-        f"missing: {sorted(set(TOP_LEVEL) - set(positions))}"
-    )
+    assert sorted(positions) == sorted(TOP_LEVEL), f"missing: {sorted(set(TOP_LEVEL) - set(positions))}"
     for key, number in positions.items():
         assert lines[number - 1].startswith("#"), f"{key} has no comment above it"
     old_order = sorted(OLD_KEYS, key=positions.get)
@@ -279,33 +251,20 @@ def test_sample_config_lists_every_key_with_a_comment_old_keys_first_in_the_old_
     assert all(positions[key] > last_old for key in TOP_LEVEL if key not in OLD_KEYS)
     text = "\n".join(lines)
     for key in EQUIPMENT_KEYS:
-        assert re.search(rf"^#\s+{key}\s", text, re.MULTILINE), (
-            f"equipment key {key} is not described"
-        )
+        assert re.search(rf"^#\s+{key}\s", text, re.MULTILINE), f"equipment key {key} is not described"
     for key in LOG_FILE_KEYS:
-        assert re.search(
-            rf"^  {key}: /opt/mx_sync/var/log/{key}\.log$", text, re.MULTILINE
-        )
+        assert re.search(rf"^  {key}: /opt/mx_sync/var/log/{key}\.log$", text, re.MULTILINE)
 
 
 def test_sample_ignore_is_an_empty_record_and_the_role_ships_the_same_file():
     assert yaml.safe_load((ETC / "ignore.yml").read_text()) == {"previouslySynched": []}
-    assert (ROLE / "files" / "ignore.yml").read_bytes() == (
-        ETC / "ignore.yml"
-    ).read_bytes()
+    assert (ROLE / "files" / "ignore.yml").read_bytes() == (ETC / "ignore.yml").read_bytes()
 
 
 def test_sample_crontab_runs_epnalert_at_one_with_a_path():
-    lines = [
-        line
-        for line in (ETC / "crontab").read_text().splitlines()
-        if line and not line.startswith("#")
-    ]
+    lines = [line for line in (ETC / "crontab").read_text().splitlines() if line and not line.startswith("#")]
     assert "PATH=/usr/local/bin:/usr/bin:/bin" in lines
-    assert (
-        "0 1 * * * mxsync /opt/mx_sync/bin/epnalert --config /opt/mx_sync/etc/config.yml"
-        in lines
-    )
+    assert "0 1 * * * mxsync /opt/mx_sync/bin/epnalert --config /opt/mx_sync/etc/config.yml" in lines
 
 
 def test_role_unit_template_renders_to_the_etc_unit():
@@ -314,11 +273,7 @@ def test_role_unit_template_renders_to_the_etc_unit():
 
 
 def test_etc_unit_has_the_required_settings():
-    settings = [
-        line
-        for line in (ETC / "mx_sync.service").read_text().splitlines()
-        if line and line[0] not in "#;"
-    ]
+    settings = [line for line in (ETC / "mx_sync.service").read_text().splitlines() if line and line[0] not in "#;"]
     for expected in (
         "Type=notify",
         "NotifyAccess=main",
@@ -348,11 +303,7 @@ def test_etc_unit_passes_systemd_analyze_verify(tmp_path):
     binary.write_text("#!/bin/sh\nexit 0\n")
     binary.chmod(0o755)
     unit = tmp_path / "mx_sync.service"
-    unit.write_text(
-        (ETC / "mx_sync.service")
-        .read_text()
-        .replace("/opt/mx_sync/bin/mxsync", str(binary))
-    )
+    unit.write_text((ETC / "mx_sync.service").read_text().replace("/opt/mx_sync/bin/mxsync", str(binary)))
     returncode, output = _systemd_verify(unit)
     assert (returncode, output) == (0, "")
 
@@ -470,15 +421,11 @@ class Deployment:
                 "destination-must-be-mount-point": False,
             },
         }
-        self.vars_file.write_text(
-            yaml.dump(variables, Dumper=_VarsDumper, sort_keys=False)
-        )
+        self.vars_file.write_text(yaml.dump(variables, Dumper=_VarsDumper, sort_keys=False))
 
     def play(self, *extra):
         """Run the playbook on localhost with these variables; return (returncode, output)."""
-        interpreter = (
-            "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-        )
+        interpreter = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
         command = [
             _tool("ansible-playbook"),
             "-i",
@@ -532,17 +479,13 @@ def test_first_run_changes_and_second_run_changes_nothing(deployed):
     _, first, second = deployed
     assert _recap(first)["changed"] > 0
     recap = _recap(second)
-    assert (recap["changed"], recap["failed"]) == (0, 0), (
-        f"changed on the second run: {_changed_tasks(second)}"
-    )
+    assert (recap["changed"], recap["failed"]) == (0, 0), f"changed on the second run: {_changed_tasks(second)}"
 
 
 def test_check_mode_reports_a_config_change_without_showing_secrets(deployed):
     deployment, _, _ = deployed
     before = deployment.config_file.read_bytes()
-    returncode, output = deployment.play(
-        "--check", "--diff", "-e", "mxsync_max_tasks=2"
-    )
+    returncode, output = deployment.play("--check", "--diff", "-e", "mxsync_max_tasks=2")
     assert returncode == 0, output[-4000:]
     assert _changed_tasks(output) == ["mxsync : Render config.yml"]
     assert deployment.config_file.read_bytes() == before
@@ -587,11 +530,7 @@ def test_config_is_rendered_for_the_service_account_only(deployed):
     assert "Ansible managed" in deployment.config_file.read_text()
     config = load_config(deployment.config_file)
     assert config.warnings == ()
-    assert (
-        config.host == "sftp.example.org"
-        and config.port == 2222
-        and config.username == "mx_user"
-    )
+    assert config.host == "sftp.example.org" and config.port == 2222 and config.username == "mx_user"
     assert config.epn_cap_map == {"12282": "ny79", "12345": "ab12"}
     assert [(e.id, e.beamline, e.password) for e in config.equipment] == [
         (
@@ -601,10 +540,7 @@ def test_config_is_rendered_for_the_service_account_only(deployed):
         ),  # decrypted from ansible-vault, quoting intact
         (24, "mx2", "pw"),
     ]
-    assert (
-        config.smtp.password == "s3cret: 'with #quotes\""
-        and config.smtp.security == "starttls"
-    )
+    assert config.smtp.password == "s3cret: 'with #quotes\"" and config.smtp.security == "starttls"
     assert config.email_to == ("staff@example.org", "other@example.org")
     assert config.rsync_bwlimit == "50M"
     prefix = deployment.prefix
@@ -635,9 +571,7 @@ def test_account_and_directories(deployed):
     assert owner_and_mode(prefix / "var" / "log") == (account.pw_uid, group, 0o750)
     # Parents are left to root, whatever the directories below them get.
     assert owner_and_mode(prefix)[0] == 0 and owner_and_mode(prefix / "var")[0] == 0
-    assert (
-        owner_and_mode(prefix / "bin" / "mxsync")[0] == 0
-    )  # the service cannot change its own code
+    assert owner_and_mode(prefix / "bin" / "mxsync")[0] == 0  # the service cannot change its own code
 
 
 def test_ssh_key_and_host_keys(deployed):
@@ -673,19 +607,14 @@ def test_existing_ignore_file_is_left_byte_for_byte(deployed):
 
 def test_crontab_of_the_service_account_runs_epnalert_at_one(deployed):
     deployment, _, _ = deployed
-    result = subprocess.run(
-        ["crontab", "-l", "-u", TEST_USER], capture_output=True, text=True, check=False
-    )
+    result = subprocess.run(["crontab", "-l", "-u", TEST_USER], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert 'PATH="/usr/local/bin:/usr/bin:/bin"' in lines
     assert 'MAILTO="ops@example.org"' in lines
     marker = lines.index("#Ansible: mxsync crontab")
     prefix = deployment.prefix
-    assert (
-        lines[marker + 1]
-        == f"0 1 * * * {prefix}/bin/epnalert --config {prefix}/etc/config.yml"
-    )
+    assert lines[marker + 1] == f"0 1 * * * {prefix}/bin/epnalert --config {prefix}/etc/config.yml"
 
 
 def test_unit_file_is_installed_and_passes_systemd_analyze_verify(deployed):
@@ -693,10 +622,7 @@ def test_unit_file_is_installed_and_passes_systemd_analyze_verify(deployed):
     unit = deployment.unit_dir / "mx_sync.service"
     text = unit.read_text()
     prefix = deployment.prefix
-    assert (
-        f"ExecStart={prefix}/bin/mxsync --config {prefix}/etc/config.yml --execute"
-        in text
-    )
+    assert f"ExecStart={prefix}/bin/mxsync --config {prefix}/etc/config.yml --execute" in text
     assert f"User={TEST_USER}" in text
     assert f"-{deployment.destination}" in text
     assert stat.S_IMODE(unit.stat().st_mode) == 0o644
@@ -745,9 +671,7 @@ def test_ignore_file_of_hpc_assyncy_is_taken_over_once(deployed):
         "root-as-service-account",
     ],
 )
-def test_bad_variable_fails_the_play_before_anything_changes(
-    tmp_path, override, message
-):
+def test_bad_variable_fails_the_play_before_anything_changes(tmp_path, override, message):
     _tool("ansible-playbook")
     _require_root()
     _require_programs()
@@ -784,13 +708,9 @@ def test_python_the_service_cannot_run_fails_the_play_before_anything_changes(tm
     python.symlink_to("/root/.pyenv-of-a-test/versions/3.11.7/bin/python3.11")
     old_venv = tmp_path / "old-venv"
     old_venv.mkdir()
-    (old_venv / "pyvenv.cfg").write_text(
-        "home = /home/alice/.pyenv/versions/3.11.7/bin\nversion = 3.11.7\n"
-    )
+    (old_venv / "pyvenv.cfg").write_text("home = /home/alice/.pyenv/versions/3.11.7/bin\nversion = 3.11.7\n")
     try:
-        returncode, output = deployment.play(
-            "-e", f"mxsync_python={python}", "-e", f"mxsync_venv_dir={old_venv}"
-        )
+        returncode, output = deployment.play("-e", f"mxsync_python={python}", "-e", f"mxsync_venv_dir={old_venv}")
         assert returncode != 0, output[-4000:]
         expected = (
             "mxsync_python, mxsync_venv_dir: /root/.pyenv-of-a-test/versions/3.11.7/bin/python3.11, "
@@ -798,10 +718,7 @@ def test_python_the_service_cannot_run_fails_the_play_before_anything_changes(tm
             "hides (ProtectHome=yes), so the service would fail to start (status 203/EXEC)"
         )
         assert expected in output, output[-4000:]
-        assert (
-            "after removing the venv made from /home/alice/.pyenv/versions/3.11.7/bin"
-            in output
-        )
+        assert "after removing the venv made from /home/alice/.pyenv/versions/3.11.7/bin" in output
         assert _recap(output)["changed"] == 0
         assert not _user_exists(BAD_USER)
         assert sorted(path.name for path in old_venv.iterdir()) == ["pyvenv.cfg"]
@@ -815,9 +732,7 @@ def test_python_the_service_cannot_run_fails_the_play_before_anything_changes(tm
 def test_every_role_variable_has_a_commented_default_and_an_argument_spec():
     defaults_text = (ROLE / "defaults" / "main.yml").read_text()
     defaults = yaml.safe_load(defaults_text)
-    options = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())[
-        "argument_specs"
-    ]["main"]["options"]
+    options = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
     assert sorted(defaults) == sorted(options)
     for name, spec in options.items():
         assert spec.get("description") and spec.get("type"), name
@@ -828,19 +743,13 @@ def test_every_role_variable_has_a_commented_default_and_an_argument_spec():
     for number, line in enumerate(lines):
         if re.match(r"^mxsync_\w+:", line):
             above = number - 1
-            while above >= 0 and (
-                re.match(r"^mxsync_\w+:", lines[above]) or lines[above].startswith(" ")
-            ):
+            while above >= 0 and (re.match(r"^mxsync_\w+:", lines[above]) or lines[above].startswith(" ")):
                 above -= 1
             assert lines[above].startswith("#"), f"{line.split(':')[0]} has no comment"
     # Every variable the role uses is one of them.
     used = set()
     for path in ROLE.rglob("*"):
         if path.is_file():
-            text = re.sub(
-                r"^\s*tags:.*$", "", path.read_text(), flags=re.MULTILINE
-            )  # tags are not variables
+            text = re.sub(r"^\s*tags:.*$", "", path.read_text(), flags=re.MULTILINE)  # tags are not variables
             used |= set(re.findall(r"(?<![\w])mxsync_[a-z_]+", text))
-    assert used <= set(defaults), (
-        f"used but not documented: {sorted(used - set(defaults))}"
-    )
+    assert used <= set(defaults), f"used but not documented: {sorted(used - set(defaults))}"

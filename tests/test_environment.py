@@ -21,26 +21,13 @@ def test_venv_from_the_system_python_is_fine():
 
 
 def test_system_python_without_a_venv_is_fine():
-    assert (
-        protected_home_problem(
-            executable="/usr/bin/python3", prefix="/usr", base_prefix="/usr"
-        )
-        is None
-    )
+    assert protected_home_problem(executable="/usr/bin/python3", prefix="/usr", base_prefix="/usr") is None
 
 
 def test_venv_in_opt_made_from_pyenv_under_root_names_the_base_python():
-    message = protected_home_problem(
-        **{**SYSTEM, "base_prefix": "/root/.pyenv/versions/3.11.7"}
-    )
-    assert message.startswith(
-        "the Python this venv was made from (/root/.pyenv/versions/3.11.7) lies under /root"
-    )
-    assert (
-        "ProtectHome=yes" in message
-        and "203/EXEC" in message
-        and "/usr/bin/python3 -m venv" in message
-    )
+    message = protected_home_problem(**{**SYSTEM, "base_prefix": "/root/.pyenv/versions/3.11.7"})
+    assert message.startswith("the Python this venv was made from (/root/.pyenv/versions/3.11.7) lies under /root")
+    assert "ProtectHome=yes" in message and "203/EXEC" in message and "/usr/bin/python3 -m venv" in message
     assert "\n" not in message
 
 
@@ -54,19 +41,13 @@ def test_venv_in_opt_made_from_pyenv_under_root_names_the_base_python():
     ],
 )
 def test_venv_under_a_hidden_directory_names_the_venv(prefix, hidden):
-    message = protected_home_problem(
-        executable=f"{prefix}/bin/python", prefix=prefix, base_prefix="/usr"
-    )
+    message = protected_home_problem(executable=f"{prefix}/bin/python", prefix=prefix, base_prefix="/usr")
     assert message.startswith(f"the venv ({prefix}) lies under {hidden},")
 
 
 def test_interpreter_alone_under_home_is_named():
-    message = protected_home_problem(
-        executable="/home/alice/python3", prefix="/usr", base_prefix="/usr"
-    )
-    assert message.startswith(
-        "the Python interpreter (/home/alice/python3) lies under /home,"
-    )
+    message = protected_home_problem(executable="/home/alice/python3", prefix="/usr", base_prefix="/usr")
+    assert message.startswith("the Python interpreter (/home/alice/python3) lies under /home,")
 
 
 @pytest.mark.parametrize(
@@ -80,12 +61,7 @@ def test_interpreter_alone_under_home_is_named():
     ],
 )
 def test_names_that_only_look_alike_are_fine(prefix):
-    assert (
-        protected_home_problem(
-            executable=f"{prefix}/bin/python", prefix=prefix, base_prefix="/usr"
-        )
-        is None
-    )
+    assert protected_home_problem(executable=f"{prefix}/bin/python", prefix=prefix, base_prefix="/usr") is None
 
 
 def test_defaults_describe_the_running_interpreter():

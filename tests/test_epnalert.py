@@ -78,12 +78,7 @@ def test_mark_new_puts_new_epns_first_and_keeps_first_alerted():
 
 
 def _alert(*new_flags):
-    return Alert(
-        unknown=[
-            UnknownEpn(f"{index}a", ("/d",), new=new)
-            for index, new in enumerate(new_flags, 1)
-        ]
-    )
+    return Alert(unknown=[UnknownEpn(f"{index}a", ("/d",), new=new) for index, new in enumerate(new_flags, 1)])
 
 
 @pytest.mark.parametrize(
@@ -132,9 +127,7 @@ def _alert(*new_flags):
     ],
 )
 def test_decide_when_to_send(alert, last_sent, only_new, repeat_days, expected):
-    send, reason = decide(
-        alert, last_sent, NOW, only_new=only_new, repeat_days=repeat_days
-    )
+    send, reason = decide(alert, last_sent, NOW, only_new=only_new, repeat_days=repeat_days)
     assert send is expected, reason
 
 
@@ -150,9 +143,7 @@ def test_html_to_text_keeps_table_rows_pre_and_links():
 
 
 def test_legacy_unknown_epns_is_a_ruled_table_eight_to_a_row():
-    alert = Alert(
-        unknown=[UnknownEpn(f"{number}a", ("/d",)) for number in range(101, 111)]
-    )
+    alert = Alert(unknown=[UnknownEpn(f"{number}a", ("/d",)) for number in range(101, 111)])
     lines = legacy_unknown_epns(alert).splitlines()
     assert lines[0] == lines[-1] == "  ".join(["----"] * 8)
     assert lines[1].split() == [f"{number}a" for number in range(101, 109)]
@@ -161,10 +152,7 @@ def test_legacy_unknown_epns_is_a_ruled_table_eight_to_a_row():
 
 def test_format_time_keeps_the_portal_offset():
     melbourne = timezone(timedelta(hours=10))
-    assert (
-        format_time(datetime(2024, 4, 28, 9, 5, tzinfo=melbourne))
-        == "2024-04-28 09:05 +10:00"
-    )
+    assert format_time(datetime(2024, 4, 28, 9, 5, tzinfo=melbourne)) == "2024-04-28 09:05 +10:00"
     assert format_time(None) == "unknown"
 
 
@@ -205,18 +193,9 @@ def template_config(tmp_path, text=None, html=None, folder=None):
 
 
 def test_check_templates_renders_built_in_and_old_templates(tmp_path):
-    assert (
-        check_templates(template_config(tmp_path))
-        == "built-in templates render on sample data"
-    )
-    detail = check_templates(
-        template_config(
-            tmp_path, "epnalert-text.j2", "epnalert-html.j2", LEGACY_TEMPLATES
-        )
-    )
-    assert detail.startswith(
-        f"epnalert-text.j2 and epnalert-html.j2 in {LEGACY_TEMPLATES} render on sample data"
-    )
+    assert check_templates(template_config(tmp_path)) == "built-in templates render on sample data"
+    detail = check_templates(template_config(tmp_path, "epnalert-text.j2", "epnalert-html.j2", LEGACY_TEMPLATES))
+    assert detail.startswith(f"epnalert-text.j2 and epnalert-html.j2 in {LEGACY_TEMPLATES} render on sample data")
     assert "epnalert adds its notice" in detail
 
 
@@ -241,9 +220,7 @@ def test_check_templates_renders_built_in_and_old_templates(tmp_path):
         ),
     ],
 )
-def test_check_templates_names_file_and_line_of_a_broken_template(
-    tmp_path, source, line, problem
-):
+def test_check_templates_names_file_and_line_of_a_broken_template(tmp_path, source, line, problem):
     (tmp_path / "bad.j2").write_text(source)
     for config in (
         template_config(tmp_path, text="bad.j2", folder=tmp_path),
@@ -252,10 +229,7 @@ def test_check_templates_names_file_and_line_of_a_broken_template(
         with pytest.raises(MailError) as error:
             check_templates(config)
         message = str(error.value)
-        assert (
-            message.startswith(f"template {tmp_path / 'bad.j2'}, line {line}: ")
-            and problem in message
-        )
+        assert message.startswith(f"template {tmp_path / 'bad.j2'}, line {line}: ") and problem in message
         assert "\n" not in message
 
 
@@ -278,9 +252,7 @@ def run_epnalert(config, *arguments):
 
 
 def ok(result):
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    )
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
 
 
@@ -294,17 +266,13 @@ def error_line(result, returncode=1):
 
 def bodies(received):
     message = received.message
-    return message.get_body(("plain",)).get_content(), message.get_body(
-        ("html",)
-    ).get_content()
+    return message.get_body(("plain",)).get_content(), message.get_body(("html",)).get_content()
 
 
 def table_rows(html):
     """Return {EPN: {column: cell text}} of the main table of the HTML part."""
     page = BeautifulSoup(html, "html.parser")
-    table = next(
-        table for table in page.find_all("table") if table.find("th", string="EPN")
-    )
+    table = next(table for table in page.find_all("table") if table.find("th", string="EPN"))
     header = [cell.get_text(strip=True) for cell in table.find("tr").find_all("th")]
     rows = {}
     for row in table.find_all("tr")[1:]:
@@ -334,10 +302,7 @@ def state_file(facility):
 
 
 def log_text(facility):
-    return "\n".join(
-        path.read_text(encoding="utf-8")
-        for path in sorted((facility.workdir / "log").glob("*.log*"))
-    )
+    return "\n".join(path.read_text(encoding="utf-8") for path in sorted((facility.workdir / "log").glob("*.log*")))
 
 
 def when(moment):
@@ -363,9 +328,7 @@ def populate(facility):
         ),  # data not (yet) visible on SFTP
     }
     small = {"frames": 1, "small_files": 0}
-    facility.add_experiment(
-        "mx", "12282a", equipment_id=23, **small
-    )  # known: in epn_cap_map
+    facility.add_experiment("mx", "12282a", equipment_id=23, **small)  # known: in epn_cap_map
     facility.add_experiment(
         "mx",
         "20001a",
@@ -379,16 +342,10 @@ def populate(facility):
     facility.add_experiment("mx", "20002b", **small)  # SFTP only
     for epn in ("30003c", "30004a"):
         facility.portal.add_visit(23, epn, *times[epn])
-    facility.portal.add_visit(
-        23, "12282b", now + timedelta(days=1), now + timedelta(days=2)
-    )  # known, booked
-    facility.portal.add_visit(
-        23, "30005a", now + timedelta(days=20), now + timedelta(days=21)
-    )  # beyond the window
+    facility.portal.add_visit(23, "12282b", now + timedelta(days=1), now + timedelta(days=2))  # known, booked
+    facility.portal.add_visit(23, "30005a", now + timedelta(days=20), now + timedelta(days=21))  # beyond the window
     (facility.root / "data" / "mx" / "lost+found").mkdir()
-    facility.portal.add_raw_visit(
-        23, {"id": 99, "epn": "EPN-99", "start_time": None, "end_time": None}
-    )
+    facility.portal.add_raw_visit(23, {"id": 99, "epn": "EPN-99", "start_time": None, "end_time": None})
     return times
 
 
@@ -402,10 +359,7 @@ def test_alert_lists_each_unknown_epn_with_its_visit(facility):
     [received] = facility.smtp.wait_for(1)
     message = received.message
     assert message["Subject"] == SUBJECT
-    assert (
-        message["From"] == "mxsync@hpc.example.org"
-        and message["To"] == "staff@hpc.example.org"
-    )
+    assert message["From"] == "mxsync@hpc.example.org" and message["To"] == "staff@hpc.example.org"
     assert received.rcpt_tos == ["staff@hpc.example.org"]
     assert message.get_content_type() == "multipart/alternative"
     assert [part.get_content_type() for part in message.iter_parts()] == [
@@ -426,17 +380,9 @@ def test_alert_lists_each_unknown_epn_with_its_visit(facility):
     assert both["Seen on"] == "SFTP and portal" and both["Beamline"] == "mx"
     assert (both["Visit start"], both["Visit end"]) == tuple(map(when, times["20001a"]))
     assert both["Principal scientist"] == f"Zoë Ångström {ZOE[2]}"
-    assert (
-        both["Data scientists"]
-        == f"<b>Bob</b> Builder <{BOB[2]}> Ngaio Marsh <ngaio@uni.example.edu>"
-    )
-    assert (
-        sftp_only["Seen on"] == "SFTP"
-        and sftp_only["Visit start"] == "no visit on the portal"
-    )
-    assert booked["Seen on"] == "portal" and booked["Visit start"] == when(
-        times["30003c"][0]
-    )
+    assert both["Data scientists"] == f"<b>Bob</b> Builder <{BOB[2]}> Ngaio Marsh <ngaio@uni.example.edu>"
+    assert sftp_only["Seen on"] == "SFTP" and sftp_only["Visit start"] == "no visit on the portal"
+    assert booked["Seen on"] == "portal" and booked["Visit start"] == when(times["30003c"][0])
     assert rows["30004a"]["Principal scientist"].startswith("Rosalind Franklin")
     assert all(row["New"] == "NEW" for row in rows.values())
     # Escaped, not markup: the name shows as typed.
@@ -445,19 +391,12 @@ def test_alert_lists_each_unknown_epn_with_its_visit(facility):
 
     entries = text_entries(text)
     assert set(entries) == set(rows)
-    assert (
-        "principal        Zoë Ångström <zoe.angstrom@uni.example.edu>"
-        in entries["20001a"]
-    )
-    assert (
-        "data scientists  <b>Bob</b> Builder <bob@uni.example.edu>" in entries["20001a"]
-    )
+    assert "principal        Zoë Ångström <zoe.angstrom@uni.example.edu>" in entries["20001a"]
+    assert "data scientists  <b>Bob</b> Builder <bob@uni.example.edu>" in entries["20001a"]
     assert "no visit on the portal" in entries["20002b"]
     assert entries["30003c"].startswith("NEW 30003c   seen on portal")
     for part in (text, html):
-        assert (
-            "lost+found" in part and "EPN-99" in part
-        )  # suspicious names are reported
+        assert "lost+found" in part and "EPN-99" in part  # suspicious names are reported
         assert "incomplete" not in part.lower()
     # Non-ASCII travelled as UTF-8, not mangled or dropped.
     assert message.get_body(("plain",)).get_content_charset() == "utf-8"
@@ -468,9 +407,7 @@ def test_alert_lists_each_unknown_epn_with_its_visit(facility):
     assert all(epn in line for epn in rows)
     assert "lost+found" in log_text(facility)
     assert set(json.loads(state_file(facility).read_text())["epns"]) == set(rows)
-    assert (
-        "WARNING" not in result.stderr
-    )  # suspicious names went out in the email, not as cron mail
+    assert "WARNING" not in result.stderr  # suspicious names went out in the email, not as cron mail
 
 
 def test_second_run_marks_nothing_new_and_a_later_epn_is_new(facility):
@@ -487,20 +424,13 @@ def test_second_run_marks_nothing_new_and_a_later_epn_is_new(facility):
         epn: f"since {datetime.fromisoformat(entry['first_alerted']).astimezone().date()}"
         for epn, entry in first_state["epns"].items()
     }
-    assert not any(
-        block.startswith("NEW") for block in text_entries(second[0]).values()
-    )
+    assert not any(block.startswith("NEW") for block in text_entries(second[0]).values())
     third_rows = table_rows(third[1])
     assert [epn for epn, row in third_rows.items() if row["New"] == "NEW"] == ["20009a"]
-    assert [
-        epn for epn, block in text_entries(third[0]).items() if block.startswith("NEW")
-    ] == ["20009a"]
+    assert [epn for epn, block in text_entries(third[0]).items() if block.startswith("NEW")] == ["20009a"]
     assert "1 is new since the previous alert" in third[0]
     state = json.loads(state_file(facility).read_text())
-    assert (
-        state["epns"]["20001a"]["first_alerted"]
-        == first_state["epns"]["20001a"]["first_alerted"]
-    )
+    assert state["epns"]["20001a"]["first_alerted"] == first_state["epns"]["20001a"]["first_alerted"]
 
 
 def test_no_unknown_epns_no_email(facility):
@@ -519,27 +449,16 @@ def test_dry_run_prints_the_email_sends_nothing_and_keeps_state(facility):
     config = facility.write_config()
     dry = ok(run_epnalert(config, "--dry-run"))
     assert facility.smtp.messages == [] and not state_file(facility).exists()
-    assert (
-        f"Subject: {SUBJECT}" in dry.stdout
-        and "To: staff@hpc.example.org" in dry.stdout
-    )
-    assert (
-        "----- text/plain -----" in dry.stdout and "----- text/html -----" in dry.stdout
-    )
-    assert (
-        "NEW 20001a" in dry.stdout
-        and "&lt;b&gt;Bob&lt;/b&gt;" in dry.stdout
-        and "Zoë Ångström" in dry.stdout
-    )
+    assert f"Subject: {SUBJECT}" in dry.stdout and "To: staff@hpc.example.org" in dry.stdout
+    assert "----- text/plain -----" in dry.stdout and "----- text/html -----" in dry.stdout
+    assert "NEW 20001a" in dry.stdout and "&lt;b&gt;Bob&lt;/b&gt;" in dry.stdout and "Zoë Ångström" in dry.stdout
 
     ok(run_epnalert(config))
     before = state_file(facility).read_bytes()
     facility.add_experiment("mx", "20009a", frames=1, small_files=0)
     dry = ok(run_epnalert(config, "--dry-run"))
     assert "NEW 20009a" in dry.stdout and "NEW 20001a" not in dry.stdout
-    assert (
-        len(facility.smtp.messages) == 1 and state_file(facility).read_bytes() == before
-    )
+    assert len(facility.smtp.messages) == 1 and state_file(facility).read_bytes() == before
     assert len((facility.workdir / "log" / "email.log").read_text().splitlines()) == 1
 
 
@@ -553,9 +472,7 @@ def test_only_new_sends_only_when_something_new_appears(facility):
     facility.add_experiment("mx", "20009a", frames=1, small_files=0)
     ok(run_epnalert(config))
     _, latest = facility.smtp.wait_for(2)
-    assert [
-        epn for epn, row in table_rows(bodies(latest)[1]).items() if row["New"] == "NEW"
-    ] == ["20009a"]
+    assert [epn for epn, row in table_rows(bodies(latest)[1]).items() if row["New"] == "NEW"] == ["20009a"]
 
 
 def test_repeat_days_repeats_an_unchanged_alert_once_due(facility):
@@ -566,9 +483,7 @@ def test_repeat_days_repeats_an_unchanged_alert_once_due(facility):
     assert len(facility.smtp.messages) == 1
     # Pretend the alert went out eight days ago rather than waiting for it.
     state = json.loads(state_file(facility).read_text())
-    state["last_sent"] = (
-        datetime.fromisoformat(state["last_sent"]) - timedelta(days=8)
-    ).isoformat()
+    state["last_sent"] = (datetime.fromisoformat(state["last_sent"]) - timedelta(days=8)).isoformat()
     state_file(facility).write_text(json.dumps(state))
     ok(run_epnalert(config))
     _, repeated = facility.smtp.wait_for(2)
@@ -578,13 +493,9 @@ def test_repeat_days_repeats_an_unchanged_alert_once_due(facility):
         "30003c",
         "30004a",
     }
-    assert not any(
-        block.startswith("NEW") for block in text_entries(bodies(repeated)[0]).values()
-    )
+    assert not any(block.startswith("NEW") for block in text_entries(bodies(repeated)[0]).values())
     assert "None is new since the previous alert" in bodies(repeated)[0]
-    assert (
-        json.loads(state_file(facility).read_text())["last_sent"] > state["last_sent"]
-    )
+    assert json.loads(state_file(facility).read_text())["last_sent"] > state["last_sent"]
 
 
 # ---------------------------------------------------------------- end to end: failures
@@ -596,9 +507,7 @@ def expire_tokens_during_first_visits_request(portal, deadline_seconds=60):
     def watch():
         deadline = time.monotonic() + deadline_seconds
         while time.monotonic() < deadline:
-            if any(
-                path.endswith("/visits") for _, path, _ in list(portal.requests_log)
-            ):
+            if any(path.endswith("/visits") for _, path, _ in list(portal.requests_log)):
                 portal.expire_tokens()
                 return
             time.sleep(0.01)
@@ -658,19 +567,14 @@ def test_portal_failure_still_alerts_and_says_so(facility, fault, reason):
         "20001a",
         "20002b",
     }  # what SFTP showed; the portal-only ones are unknowable
-    assert (
-        text.startswith("*****")
-        and "THIS LIST MAY BE INCOMPLETE" in text.split("\n\n")[0]
-    )
+    assert text.startswith("*****") and "THIS LIST MAY BE INCOMPLETE" in text.split("\n\n")[0]
     banner = text.split("\n\n")[0]
     assert "portal equipment 23 (mx)" in banner and reason in banner
     box = BeautifulSoup(html, "html.parser").find("div")
     assert "may be incomplete" in box.get_text() and reason in box.get_text()
     # The built-in templates show it all themselves: no second notice on top.
     assert text.count("INCOMPLETE") == 1 and html.count("may be incomplete") == 1
-    assert (
-        "Source failed" in result.stderr and reason in result.stderr
-    )  # cron mails the warning too
+    assert "Source failed" in result.stderr and reason in result.stderr  # cron mails the warning too
 
 
 def test_epns_of_a_failed_source_do_not_come_back_as_new(facility):
@@ -680,9 +584,7 @@ def test_epns_of_a_failed_source_do_not_come_back_as_new(facility):
     facility.portal.add_fault("http500", "/api/v1/equipment", count=1)
     ok(run_epnalert(config))  # the portal-only EPNs are missing from this alert
     ok(run_epnalert(config))
-    _, partial, recovered = (
-        table_rows(bodies(received)[1]) for received in facility.smtp.wait_for(3)
-    )
+    _, partial, recovered = (table_rows(bodies(received)[1]) for received in facility.smtp.wait_for(3))
     assert set(partial) == {"20001a", "20002b"}
     assert set(recovered) == {"20001a", "20002b", "30003c", "30004a"}
     assert [epn for epn, row in recovered.items() if row["New"] == "NEW"] == []
@@ -713,16 +615,9 @@ def test_sftp_refusal_still_alerts_from_the_portal(facility, tmp_path, refusal):
 
     text, html = bodies(facility.smtp.wait_for(1)[0])
     rows = table_rows(html)
-    assert (
-        set(rows) == {"20001a", "30003c", "30004a"}
-        and rows["20001a"]["Seen on"] == "portal"
-    )
+    assert set(rows) == {"20001a", "30003c", "30004a"} and rows["20001a"]["Seen on"] == "portal"
     banner = text.split("\n\n")[0]
-    assert (
-        "THIS LIST MAY BE INCOMPLETE" in banner
-        and "SFTP" in banner
-        and reason in banner
-    )
+    assert "THIS LIST MAY BE INCOMPLETE" in banner and "SFTP" in banner and reason in banner
     assert "lost+found" not in text and "EPN-99" in text
 
 
@@ -733,15 +628,9 @@ def test_both_sources_failing_exits_1_with_one_line(facility):
     facility.sshd.regenerate_host_key()
     result = run_epnalert(config)
     line = error_line(result)
-    assert (
-        "both SFTP and the portal failed" in line
-        and "host key" in line
-        and "HTTP 500" in line
-    )
+    assert "both SFTP and the portal failed" in line and "host key" in line and "HTTP 500" in line
     assert facility.smtp.messages == [] and not state_file(facility).exists()
-    assert "retrying" in log_text(
-        facility
-    )  # the details are in the log file, not in cron's mail
+    assert "retrying" in log_text(facility)  # the details are in the log file, not in cron's mail
 
 
 def test_portal_unreachable_and_sftp_down(facility):
@@ -766,9 +655,7 @@ def test_smtp_refusal_exits_1_and_keeps_state(facility):
     facility.smtp.fail_with = None
     ok(run_epnalert(config))
     rows = table_rows(bodies(facility.smtp.wait_for(1)[0])[1])
-    assert all(
-        row["New"] == "NEW" for row in rows.values()
-    )  # the failed alert did not count as sent
+    assert all(row["New"] == "NEW" for row in rows.values())  # the failed alert did not count as sent
 
 
 def test_corrupt_state_file_still_alerts_and_is_left_alone(facility):
@@ -799,9 +686,7 @@ def legacy_config(facility, **overrides):
 
 def notice_of(text):
     """Split a text part into (the starred notice on top, or None; the rest)."""
-    match = re.match(
-        rf"{re.escape(STARS)}\n(.*?)\n{re.escape(STARS)}\n\n", text, re.DOTALL
-    )
+    match = re.match(rf"{re.escape(STARS)}\n(.*?)\n{re.escape(STARS)}\n\n", text, re.DOTALL)
     return (match.group(1), text[match.end() :]) if match else (None, text)
 
 
@@ -817,32 +702,17 @@ def test_old_style_templates_render(facility):
     text, html = bodies(facility.smtp.wait_for(1)[0])
     # The old templates show no suspicious names: our notice lists them on top, the old email follows as it was.
     notice, old = notice_of(text)
-    assert (
-        "'lost+found'" in notice and "'EPN-99'" in notice and "INCOMPLETE" not in notice
-    )
-    assert old.startswith(
-        "Work instructions: href=https://wiki.example.edu/hpc/mx-integration\n\n"
-    )
+    assert "'lost+found'" in notice and "'EPN-99'" in notice and "INCOMPLETE" not in notice
+    assert old.startswith("Work instructions: href=https://wiki.example.edu/hpc/mx-integration\n\n")
     assert f"Epn 20001a on {times['20001a'][0].isoformat()} is not known.\n" in old
-    assert (
-        f"Principal scientist: Zoë Ångström {ZOE[2]}\nIt includes scientists: \nFirst name"
-        in old
-    )
-    assert re.search(
-        r"^<b>Bob</b>\s+Builder\s+bob@uni\.example\.edu$", old, re.MULTILINE
-    )
+    assert f"Principal scientist: Zoë Ångström {ZOE[2]}\nIt includes scientists: \nFirst name" in old
+    assert re.search(r"^<b>Bob</b>\s+Builder\s+bob@uni\.example\.edu$", old, re.MULTILINE)
     assert "** Please add it the config. **" in old
-    assert (
-        "Epn 30003c on" in old and "Epn 20002b" not in old
-    )  # with a visit / without one
+    assert "Epn 30003c on" in old and "Epn 20002b" not in old  # with a visit / without one
     unknown_table = old.split("The following epns are not known:\n")[1]
     assert unknown_table.split() == ["------", "20002b", "------"]
     box = first_in_body(html)
-    assert (
-        box.name == "div"
-        and "lost+found" in box.get_text()
-        and "EPN-99" in box.get_text()
-    )
+    assert box.name == "div" and "lost+found" in box.get_text() and "EPN-99" in box.get_text()
     assert "may be incomplete" not in box.get_text()
     pre = BeautifulSoup(html, "html.parser").find("pre")
     assert "&lt;b&gt;Bob&lt;/b&gt;" in html and pre.find("b") is None
@@ -869,26 +739,17 @@ def test_old_style_templates_still_say_a_source_failed(facility, fault, reason):
 
     text, html = bodies(facility.smtp.wait_for(1)[0])
     notice, old = notice_of(text)
-    assert notice.startswith(
-        "  THIS LIST MAY BE INCOMPLETE: a source could not be used.\n  - "
-    )
+    assert notice.startswith("  THIS LIST MAY BE INCOMPLETE: a source could not be used.\n  - ")
     assert failed in notice and reason in notice and suspicious in notice
     assert text.count("INCOMPLETE") == 1 and old.startswith("Work instructions:")
     box = first_in_body(html)
     assert box.name == "div" and box.find_next_sibling("pre") is not None
     shown = box.get_text()
-    assert (
-        "may be incomplete" in shown
-        and failed in shown
-        and reason in shown
-        and suspicious.strip("'") in shown
-    )
+    assert "may be incomplete" in shown and failed in shown and reason in shown and suspicious.strip("'") in shown
     assert html.count("may be incomplete") == 1
 
 
-def test_a_template_that_shows_failures_and_suspicious_names_gets_no_notice(
-    facility, tmp_path
-):
+def test_a_template_that_shows_failures_and_suspicious_names_gets_no_notice(facility, tmp_path):
     populate(facility)
     facility.portal.add_fault("http500", "/api/v1/equipment", count=100)
     (tmp_path / "own.j2").write_text(
@@ -904,27 +765,15 @@ def test_a_template_that_shows_failures_and_suspicious_names_gets_no_notice(
     ok(run_epnalert(config))
     text = facility.smtp.wait_for(1)[0].message.get_content()
     assert notice_of(text)[0] is None and STARS not in text
-    assert (
-        text.startswith("equipment 23 (mx) failed: portal ")
-        and "HTTP 500" in text
-        and "odd: 'lost+found'" in text
-    )
+    assert text.startswith("equipment 23 (mx) failed: portal ") and "HTTP 500" in text and "odd: 'lost+found'" in text
 
 
 def test_text_only_template_sends_text_only(facility, tmp_path):
     populate(facility)
     folder = tmp_path / "etc"
     folder.mkdir()
-    (folder / "plain.j2").write_text(
-        "{% for item in alert.unknown %}{{ item.epn }} {{ item.seen_on }}\n{% endfor %}"
-    )
-    ok(
-        run_epnalert(
-            facility.write_config(
-                epnalert_template_folder=str(folder), epnalert_template_text="plain.j2"
-            )
-        )
-    )
+    (folder / "plain.j2").write_text("{% for item in alert.unknown %}{{ item.epn }} {{ item.seen_on }}\n{% endfor %}")
+    ok(run_epnalert(facility.write_config(epnalert_template_folder=str(folder), epnalert_template_text="plain.j2")))
     message = facility.smtp.wait_for(1)[0].message
     assert message.get_content_type() == "text/plain"
     notice, rest = notice_of(message.get_content())
@@ -948,25 +797,17 @@ def test_html_only_template_gets_a_derived_text_part(facility, tmp_path):
         "<td>{{ item.visit.principal_scientist.name if item.visit else '-' }}</td></tr>\n{% endfor %}"
         "</table></body></html>\n"
     )
-    config = facility.write_config(
-        epnalert_template_folder=str(folder), epnalert_template_html="alert.html.j2"
-    )
+    config = facility.write_config(epnalert_template_folder=str(folder), epnalert_template_html="alert.html.j2")
     ok(run_epnalert(config))
 
     text, html = bodies(facility.smtp.wait_for(1)[0])
     assert "<td>20001a</td>" in html and first_in_body(html).name == "div"
     lines = text.splitlines()
     # The HTML part's notice comes first in the derived text too, once.
-    assert (
-        lines[0].startswith("Names or records that are not valid EPNs")
-        and text.count("'lost+found'") == 1
-    )
+    assert lines[0].startswith("Names or records that are not valid EPNs") and text.count("'lost+found'") == 1
     assert lines[lines.index(SUBJECT) :][:3] == [SUBJECT, "", "4 new."]
     assert "EPN | Seen on | Principal" in lines
-    assert (
-        "20001a | SFTP and portal | Zoë Ångström" in lines
-        and "20002b | SFTP | -" in lines
-    )
+    assert "20001a | SFTP and portal | Zoë Ångström" in lines and "20002b | SFTP | -" in lines
     assert "<" not in text.replace("<b>Bob</b>", "")
 
 
@@ -985,9 +826,7 @@ def test_broken_template_exits_1_with_one_line(facility, tmp_path, source, where
     folder = tmp_path / "etc"
     folder.mkdir()
     (folder / "bad.j2").write_text(source)
-    config = facility.write_config(
-        epnalert_template_folder=str(folder), epnalert_template_text="bad.j2"
-    )
+    config = facility.write_config(epnalert_template_folder=str(folder), epnalert_template_text="bad.j2")
     line = error_line(run_epnalert(config))
     assert where in line and facility.smtp.messages == []
 
@@ -1016,13 +855,7 @@ def test_control_characters_in_portal_names_stay_on_their_line(facility, templat
         frames=1,
         small_files=0,
     )
-    ok(
-        run_epnalert(
-            facility.write_config()
-            if templates == "built-in"
-            else legacy_config(facility)
-        )
-    )
+    ok(run_epnalert(facility.write_config() if templates == "built-in" else legacy_config(facility)))
 
     received = facility.smtp.wait_for(1)[0]
     assert received.message["Subject"] == SUBJECT
@@ -1030,59 +863,35 @@ def test_control_characters_in_portal_names_stay_on_their_line(facility, templat
     shown_html = BeautifulSoup(html, "html.parser").get_text()
     for part in (text, html, shown_html):
         # No line break but the template's own LF (str.splitlines() knows all these), no terminal escape, no bidi override.
-        assert not any(
-            character in part
-            for character in "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\x1b\u202e"
-        )
-        assert (
-            "Zoë" in part and "Ångström" in part
-        )  # letters kept (the old table puts them in columns)
+        assert not any(character in part for character in "\r\v\f\x1c\x1d\x1e\x85\u2028\u2029\x1b\u202e")
+        assert "Zoë" in part and "Ångström" in part  # letters kept (the old table puts them in columns)
         # The crafted lines are still there to see, escaped, on the line of the name they came with.
-        assert 'Eve\\r\\n\\r\\nepn_cap_map:\\r\\n    "20001": ev01' in part.replace(
-            "&#34;", '"'
-        )
+        assert 'Eve\\r\\n\\r\\nepn_cap_map:\\r\\n    "20001": ev01' in part.replace("&#34;", '"')
         assert "Mal\\u2028lory\\x1b[2J" in part and "\\u202eO" in part
-    assert not [
-        line
-        for line in text.splitlines()
-        if line.lstrip().startswith(("epn_cap_map", '"20001"'))
-    ]
+    assert not [line for line in text.splitlines() if line.lstrip().startswith(("epn_cap_map", '"20001"'))]
 
 
 def test_dry_run_into_head_exits_quietly(facility):
     populate(facility)
     now = datetime.now(UTC)
     for number in range(50000, 50600):  # an email far bigger than a pipe's buffer
-        facility.portal.add_visit(
-            23, f"{number}a", now - timedelta(days=2), now - timedelta(days=1)
-        )
+        facility.portal.add_visit(23, f"{number}a", now - timedelta(days=2), now - timedelta(days=1))
     config = facility.write_config()
     # Buffered output, as from cron or a shell (with PYTHONUNBUFFERED a cut-off write just ends the process quietly).
-    environment = {
-        name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"
-    }
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
     epnalert = subprocess.Popen(
         [str(EPNALERT), "--config", str(config), "--dry-run"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=environment,
     )
-    head = subprocess.Popen(
-        ["head", "-3"], stdin=epnalert.stdout, stdout=subprocess.PIPE
-    )
+    head = subprocess.Popen(["head", "-3"], stdin=epnalert.stdout, stdout=subprocess.PIPE)
     epnalert.stdout.close()  # as in a shell pipeline, head alone now reads the pipe
     shown = head.communicate(timeout=120)[0].decode()
     stderr = epnalert.stderr.read().decode()
     epnalert.wait(timeout=120)
-    assert (
-        shown.startswith("# epnalert --dry-run: this email would be sent")
-        and len(shown.splitlines()) == 3
-    )
-    assert (
-        "Traceback" not in stderr
-        and "BrokenPipe" not in stderr
-        and "Exception ignored" not in stderr
-    ), stderr
+    assert shown.startswith("# epnalert --dry-run: this email would be sent") and len(shown.splitlines()) == 3
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr
     assert facility.smtp.messages == [] and not state_file(facility).exists()
 
 
@@ -1093,21 +902,15 @@ def test_no_password_or_token_in_logs_or_stderr(facility):
     populate(facility)
     facility.add_experiment("mx2", "40001a", equipment_id=24, frames=1, small_files=0)
     config = facility.write_config()
-    facility.portal.add_fault(
-        "unauthorized", "/api/v1/equipment/24/visits"
-    )  # forces a second token
+    facility.portal.add_fault("unauthorized", "/api/v1/equipment/24/visits")  # forces a second token
     verbose = ok(run_epnalert(config, "-v"))
     assert "DEBUG" in verbose.stderr
     dry = ok(run_epnalert(config, "--dry-run", "-v"))
     secrets = facility.secrets
     assert len(facility.portal.issued_tokens) >= 3 and len(secrets) >= 5
-    exposed = (
-        log_text(facility) + verbose.stderr + verbose.stdout + dry.stderr + dry.stdout
-    )
+    exposed = log_text(facility) + verbose.stderr + verbose.stdout + dry.stderr + dry.stdout
     exposed += facility.smtp.messages[0].raw.decode("utf-8", "replace")
-    assert (
-        "access token" in exposed
-    )  # the token lines are there, masked or never carrying the value
+    assert "access token" in exposed  # the token lines are there, masked or never carrying the value
     assert [secret for secret in secrets if secret in exposed] == []
 
 
@@ -1124,13 +927,9 @@ def test_help_is_fast_to_import():
         timeout=60,
         check=False,
     )
-    assert "--dry-run" in result.stdout and result.stdout.strip().endswith("[]"), (
-        result.stdout + result.stderr
-    )
+    assert "--dry-run" in result.stdout and result.stdout.strip().endswith("[]"), result.stdout + result.stderr
 
 
 def test_missing_config_is_one_line_and_exit_2(tmp_path):
     result = run_epnalert(tmp_path / "nope.yml")
-    assert error_line(result, returncode=2).endswith(
-        "file not found; pass --config with the path of your config.yml"
-    )
+    assert error_line(result, returncode=2).endswith("file not found; pass --config with the path of your config.yml")

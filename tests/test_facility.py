@@ -33,8 +33,13 @@ def sftp_client(server):
     client.load_host_keys(str(server.known_hosts))
     client.set_missing_host_key_policy(paramiko.RejectPolicy())
     client.connect(
-        server.host, port=server.port, username=server.username, key_filename=str(server.client_key),
-        allow_agent=False, look_for_keys=False, timeout=SSH_TIMEOUT,
+        server.host,
+        port=server.port,
+        username=server.username,
+        key_filename=str(server.client_key),
+        allow_agent=False,
+        look_for_keys=False,
+        timeout=SSH_TIMEOUT,
     )
     return client
 
@@ -78,10 +83,20 @@ def test_rsync_over_ssh_copies_an_experiment_exactly(facility, tmp_path):
     shell = shlex.join(facility.sshd.ssh_base_command())
 
     everything = run(["rsync", "-a", "-e", shell, f"{facility.sshd.target}:{experiment}/", str(tmp_path / "all")])
-    filtered = run([
-        "rsync", "-a", "--include", ".info", "--exclude", ".*", "-e", shell,
-        f"{facility.sshd.target}:{experiment}/", str(tmp_path / "filtered"),
-    ])
+    filtered = run(
+        [
+            "rsync",
+            "-a",
+            "--include",
+            ".info",
+            "--exclude",
+            ".*",
+            "-e",
+            shell,
+            f"{facility.sshd.target}:{experiment}/",
+            str(tmp_path / "filtered"),
+        ]
+    )
 
     assert everything.returncode == 0, everything.stderr
     assert filtered.returncode == 0, filtered.stderr
@@ -126,7 +141,8 @@ def test_stop_cuts_open_sessions_and_start_serves_the_same_port_again(ssh_server
     marker = f"facility-session-{os.getpid()}-{time.monotonic_ns()}"
     session = subprocess.Popen(
         ssh_server.ssh_command(f"sh -c 'sleep 30; : {marker}'"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + SSH_TIMEOUT
     while not processes_mentioning(marker) and time.monotonic() < deadline:
@@ -192,7 +208,8 @@ def test_token_is_issued_for_the_right_credentials_only(portal):
     wrong = Credentials("mx-sync", "wrong", "hpc-client", "client-pw-S3CRET-2")
     refused, _ = token(portal, wrong)
     bad_grant = requests.post(
-        f"{portal.url}/api/v1/oauth/token", auth=("hpc-client", "client-pw-S3CRET-2"),
+        f"{portal.url}/api/v1/oauth/token",
+        auth=("hpc-client", "client-pw-S3CRET-2"),
         data={"username": "mx-sync", "password": "portal-pw-S3CRET-1", "grant_type": "client_credentials"},
         timeout=10,
     )
@@ -211,8 +228,12 @@ def test_visits_overlapping_the_window_are_listed(portal):
     portal.add_visit(23, "100a", datetime(2024, 2, 1), datetime(2024, 2, 2))  # before
     portal.add_visit(23, "101a", datetime(2024, 2, 28), datetime(2024, 3, 1, 8))  # across the start
     portal.add_visit(
-        23, "102a", "2024-03-10T09:00:00+10:00", "2024-03-11T09:00:00+10:00",
-        principal=("Zoë", "Ørsted", "zoe@uni.example.edu"), data_scientists=[("Ann", "Lee", "ann@example.edu")],
+        23,
+        "102a",
+        "2024-03-10T09:00:00+10:00",
+        "2024-03-11T09:00:00+10:00",
+        principal=("Zoë", "Ørsted", "zoe@uni.example.edu"),
+        data_scientists=[("Ann", "Lee", "ann@example.edu")],
     )
     portal.add_visit(23, "103a", datetime(2024, 4, 2), datetime(2024, 4, 3))  # after
     portal.add_visit(24, "104a", datetime(2024, 3, 5), datetime(2024, 3, 6))  # other equipment
@@ -224,7 +245,9 @@ def test_visits_overlapping_the_window_are_listed(portal):
     assert [visit["epn"] for visit in listed] == ["101a", "102a"]
     assert listed[0]["start_time"] == "2024-02-28T00:00:00+00:00"
     assert listed[1]["principal_scientist"] == {
-        "first_names": "Zoë", "last_name": "Ørsted", "email": "zoe@uni.example.edu",
+        "first_names": "Zoë",
+        "last_name": "Ørsted",
+        "email": "zoe@uni.example.edu",
     }
     assert listed[1]["data_scientists"][0]["last_name"] == "Lee"
     method, path, query = portal.requests_log[-1]
@@ -273,18 +296,24 @@ def test_times_without_an_offset_are_read_in_the_portal_zone_and_unreadable_ones
     # HPC ASSyncy's form: 20:00-21:00 at UTC+10 is 10:00-11:00 UTC.
     assert listed(datetime(2024, 1, 1, 20), datetime(2024, 1, 1, 21)) == (200, ["100a"])
     assert listed(datetime(2024, 1, 1, 10), datetime(2024, 1, 1, 11)) == (200, [])
-    response = requests.get(f"{portal.url}/api/v1/equipment/23/visits", timeout=10, params={
-        "access_token": access_token, "start_time": "yesterday", "end_time": "2024-01-01T00:00:00"})
+    response = requests.get(
+        f"{portal.url}/api/v1/equipment/23/visits",
+        timeout=10,
+        params={"access_token": access_token, "start_time": "yesterday", "end_time": "2024-01-01T00:00:00"},
+    )
     assert response.status_code == 400
 
 
-@pytest.mark.parametrize("kind, status, fragment", [
-    ("http500", 500, '"error_message"'),
-    ("html", 503, "<title>Down for maintenance</title>"),
-    ("garbage", 200, "not JSON"),
-    ("truncated", 200, '{"data": '),
-    ("unauthorized", 401, '"error_message"'),
-])
+@pytest.mark.parametrize(
+    "kind, status, fragment",
+    [
+        ("http500", 500, '"error_message"'),
+        ("html", 503, "<title>Down for maintenance</title>"),
+        ("garbage", 200, "not JSON"),
+        ("truncated", 200, '{"data": '),
+        ("unauthorized", 401, '"error_message"'),
+    ],
+)
 def test_each_fault_answers_once_then_the_portal_recovers(portal, kind, status, fragment):
     portal.add_equipment(23)
     _, access_token = token(portal)
@@ -403,22 +432,40 @@ def test_make_experiment_lays_out_a_deterministic_tree(tmp_path):
     manifest = tree_manifest(first)
     assert first == tmp_path / "one" / "data" / "mx" / "12282a"
     assert sorted(manifest) == [
-        ".hidden_cache", ".info", "frames/.lock", "frames/12282a_0001.cbf", "frames/12282a_0002.cbf",
-        "home/mxuser/auto/run_01/summary.txt", "home/mxuser/auto/run_02/summary.txt",
+        ".hidden_cache",
+        ".info",
+        "frames/.lock",
+        "frames/12282a_0001.cbf",
+        "frames/12282a_0002.cbf",
+        "home/mxuser/auto/run_01/summary.txt",
+        "home/mxuser/auto/run_02/summary.txt",
     ]
     assert manifest["frames/12282a_0001.cbf"][0] == 1000
     assert tree_manifest(second) == manifest
     assert tree_manifest(other_seed) != manifest
     assert sorted(tree_manifest(first, include=wanted)) == [
-        ".info", "frames/12282a_0001.cbf", "frames/12282a_0002.cbf",
-        "home/mxuser/auto/run_01/summary.txt", "home/mxuser/auto/run_02/summary.txt",
+        ".info",
+        "frames/12282a_0001.cbf",
+        "frames/12282a_0002.cbf",
+        "home/mxuser/auto/run_01/summary.txt",
+        "home/mxuser/auto/run_02/summary.txt",
     ]
 
 
-@pytest.mark.parametrize("path, expected", [
-    ("frames/a.cbf", True), (".info", True), ("home/x/.info", True), (".hidden", False),
-    ("frames/.lock", False), (".git/config", False), (".info/x", True), ("..info", False), ("a.b/c", True),
-])
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("frames/a.cbf", True),
+        (".info", True),
+        ("home/x/.info", True),
+        (".hidden", False),
+        ("frames/.lock", False),
+        (".git/config", False),
+        (".info/x", True),
+        ("..info", False),
+        ("a.b/c", True),
+    ],
+)
 def test_wanted_follows_the_sync_rule(path, expected):
     assert wanted(path) is expected
 
@@ -436,7 +483,8 @@ def test_write_config_points_at_the_running_services(facility):
     config = load_config(path)
     assert config.warnings == ()
     assert [(e.id, e.beamline, e.source_path) for e in config.equipment] == [
-        (23, "mx", f"{facility.root}/data/mx"), (24, "mx2", f"{facility.root}/data/mx2"),
+        (23, "mx", f"{facility.root}/data/mx"),
+        (24, "mx2", f"{facility.root}/data/mx2"),
     ]
     assert (config.smtp.host, config.smtp.port) == (facility.smtp.host, facility.smtp.port)
     assert config.epn_cap_map == {"12282": "ny79", "555": "ab12"}

@@ -5,9 +5,6 @@ import signal
 import stat
 import subprocess
 import time
-from pathlib import Path
-
-import yaml
 
 from tests.test_mxsync import (
     ENDED,
@@ -43,8 +40,12 @@ def _slow_experiment(facility, epn="12282a"):
 def _start(config, *extra, env=None, new_session=False):
     return subprocess.Popen(
         MXSYNC + ["--config", str(config), "--execute", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-        start_new_session=new_session, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=new_session,
+        text=True,
     )
 
 
@@ -137,9 +138,12 @@ def test_ctrl_c_to_the_process_group_is_a_stop_not_a_failure(facility):
     config = facility.write_config(rsync_bwlimit="256", failure_alert_cycles=1)
     log_file = facility.workdir / "log" / "sync.log"
 
-    for _ in range(2):  # twice: an alert after one "failure" would show
+    for attempt in range(2):  # twice: an alert after one "failure" would show
         process = _start(config, "--once", new_session=True)
-        _wait_for(lambda: log_file.exists() and log_file.read_text().count("12282a: started") > _, process)
+        _wait_for(
+            lambda attempt=attempt: log_file.exists() and log_file.read_text().count("12282a: started") > attempt,
+            process,
+        )
         time.sleep(1.0)
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         _out, err = process.communicate(timeout=30)
@@ -160,7 +164,9 @@ def test_timeout_command_stops_cleanly(facility):
     config = facility.write_config(rsync_bwlimit="256")
     result = subprocess.run(
         ["timeout", "-s", "INT", "4", *MXSYNC, "--config", str(config), "--execute", "--once"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 124  # timeout's own code for "I stopped it"
     log = sync_log(facility)
@@ -190,8 +196,11 @@ def test_sighup_reloads_the_config_and_keeps_running(facility):
         # A log file that cannot be opened is refused at reload; the service goes on logging where it did.
         blocker = facility.workdir / "a-file"
         blocker.write_text("")
-        facility.write_config(log_level="DEBUG", sync_frequency_hours=24,
-                              log_files={"sync": str(blocker / "sync.log"), "epnalert": None, "email": None})
+        facility.write_config(
+            log_level="DEBUG",
+            sync_frequency_hours=24,
+            log_files={"sync": str(blocker / "sync.log"), "epnalert": None, "email": None},
+        )
         process.send_signal(signal.SIGHUP)
         _wait_for(lambda: "cannot open" in log_file.read_text(), process)
         assert process.poll() is None
@@ -301,7 +310,10 @@ def test_output_into_head_exits_quietly(facility):
     for arguments in (["status"], ["check", "--connect"]):
         pipeline = subprocess.run(
             f"{MXSYNC[0]} {arguments[0]} --config {config} {' '.join(arguments[1:])} | head -1",
-            shell=True, capture_output=True, text=True, timeout=120,
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr, pipeline.stderr
 

@@ -30,9 +30,7 @@ def old_format_line(pid, label=""):
 
 
 def test_a_record_is_formatted_exactly_as_the_old_tool_did():
-    record = logging.LogRecord(
-        "mxsync.sync", logging.WARNING, __file__, 1, "%s: FAILED", ("12282a",), None
-    )
+    record = logging.LogRecord("mxsync.sync", logging.WARNING, __file__, 1, "%s: FAILED", ("12282a",), None)
     record.process = 4242
 
     line = logging.Formatter(LOG_FORMAT).format(record)
@@ -46,18 +44,14 @@ def test_a_record_is_formatted_exactly_as_the_old_tool_did():
 @pytest.mark.parametrize("execute", [False, True], ids=["dry-run", "execute"])
 def test_every_line_of_sync_log_has_the_old_format_and_the_real_pid(facility, execute):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
-    facility.add_experiment(
-        "mx", "13000a", equipment_id=23, **ENDED
-    )  # number not mapped: an INFO line
+    facility.add_experiment("mx", "13000a", equipment_id=23, **ENDED)  # number not mapped: an INFO line
     hostile = {
         "id": 9,
         "epn": "../12282a",
         "principal_scientist": None,
         "data_scientists": [],
     }
-    hostile.update(
-        start_time=ENDED["start"].isoformat(), end_time=ENDED["end"].isoformat()
-    )
+    hostile.update(start_time=ENDED["start"].isoformat(), end_time=ENDED["end"].isoformat())
     facility.portal.add_raw_visit(23, hostile)  # a WARNING line
     config = facility.write_config(log_level="DEBUG")
     arguments = ["--config", str(config), "--once"] + (["--execute"] if execute else [])
@@ -75,10 +69,7 @@ def test_every_line_of_sync_log_has_the_old_format_and_the_real_pid(facility, ex
     lines = (facility.workdir / "log" / "sync.log").read_text().splitlines()
     pattern = old_format_line(process.pid, label="" if execute else "[dry run] ")
     wrong = [line for line in lines if not pattern.fullmatch(line)]
-    assert not wrong, (
-        f"{len(wrong)} of {len(lines)} lines not in the old format, e.g.:\n"
-        + "\n".join(wrong[:5])
-    )
+    assert not wrong, f"{len(wrong)} of {len(lines)} lines not in the old format, e.g.:\n" + "\n".join(wrong[:5])
     matches = [pattern.fullmatch(line) for line in lines]
     assert {match["level"] for match in matches} >= {"DEBUG", "INFO", "WARNING"}
     outcome = "12282a: synced and verified" if execute else "12282a: would sync"

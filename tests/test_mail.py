@@ -75,9 +75,7 @@ def tls_sink(request, certificate):
     """Return (security, running sink) for implicit TLS and for STARTTLS."""
     security = request.param
     context = server_context(certificate)
-    options = (
-        {"ssl_context": context} if security == "ssl" else {"tls_context": context}
-    )
+    options = {"ssl_context": context} if security == "ssl" else {"tls_context": context}
     with SmtpSink(require_auth=("mailer", "s3cret-pw"), **options) as sink:
         yield security, sink
 
@@ -87,14 +85,10 @@ def settings(sink, security):
 
 
 def message():
-    return build_message(
-        "Test", "mxsync@hpc.example.org", ["staff@hpc.example.org"], "Zoë Ångström\n"
-    )
+    return build_message("Test", "mxsync@hpc.example.org", ["staff@hpc.example.org"], "Zoë Ångström\n")
 
 
-def test_untrusted_certificate_fails_the_check_and_the_send_alike(
-    tls_sink, monkeypatch
-):
+def test_untrusted_certificate_fails_the_check_and_the_send_alike(tls_sink, monkeypatch):
     security, sink = tls_sink
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
@@ -104,17 +98,12 @@ def test_untrusted_certificate_fails_the_check_and_the_send_alike(
     with pytest.raises(MailError) as sent:
         send_message(smtp, message(), ["staff@hpc.example.org"])
     for error in (checked.value, sent.value):
-        assert (
-            f"SMTP server 127.0.0.1:{sink.port}: its certificate is not trusted"
-            in str(error)
-        )
+        assert f"SMTP server 127.0.0.1:{sink.port}: its certificate is not trusted" in str(error)
         assert "SSL_CERT_FILE" in str(error) and "\n" not in str(error)
     assert sink.messages == []
 
 
-def test_trusted_certificate_passes_the_check_and_the_send(
-    tls_sink, certificate, monkeypatch
-):
+def test_trusted_certificate_passes_the_check_and_the_send(tls_sink, certificate, monkeypatch):
     security, sink = tls_sink
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     smtp = settings(sink, security)
@@ -122,17 +111,12 @@ def test_trusted_certificate_passes_the_check_and_the_send(
     assert sink.messages == []  # the check sends nothing
     assert send_message(smtp, message(), ["staff@hpc.example.org"]).startswith("250 ")
     [received] = sink.wait_for(1)
-    assert (
-        received.login == "mailer"
-        and received.message.get_content() == "Zoë Ångström\n"
-    )
+    assert received.login == "mailer" and received.message.get_content() == "Zoë Ångström\n"
 
 
 def test_check_logs_in_as_a_send_does(certificate, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
-    with SmtpSink(
-        require_auth=("mailer", "s3cret-pw"), tls_context=server_context(certificate)
-    ) as sink:
+    with SmtpSink(require_auth=("mailer", "s3cret-pw"), tls_context=server_context(certificate)) as sink:
         wrong = SmtpSettings(sink.host, sink.port, "starttls", "mailer", "wrong", 10.0)
         with pytest.raises(MailError, match="refused the login"):
             check_smtp(wrong)
@@ -149,13 +133,9 @@ def smtp_line(result):
 
 
 @pytest.mark.parametrize("security", ["ssl", "starttls"])
-def test_check_connect_refuses_an_untrusted_smtp_certificate(
-    facility, certificate, security
-):
+def test_check_connect_refuses_an_untrusted_smtp_certificate(facility, certificate, security):
     context = server_context(certificate)
-    options = (
-        {"ssl_context": context} if security == "ssl" else {"tls_context": context}
-    )
+    options = {"ssl_context": context} if security == "ssl" else {"tls_context": context}
     with SmtpSink(**options) as sink:
         config = facility.write_config(
             epnalert_email_smtp=f"{sink.host}:{sink.port}",

@@ -23,10 +23,16 @@ def mxsync(*arguments, check=None, timeout=120, env=None):
     """Run the mxsync console script; return the CompletedProcess."""
     result = subprocess.run(
         MXSYNC + [str(argument) for argument in arguments],
-        capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
     )
     if check is not None:
-        assert result.returncode == check, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        assert result.returncode == check, (
+            f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
@@ -108,7 +114,9 @@ def test_rerun_transfers_nothing(facility):
 
 def test_visit_in_progress_is_not_synced(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
-    facility.add_experiment("mx", "12282b", equipment_id=23, start=NOW - timedelta(hours=2), end=NOW + timedelta(hours=6))
+    facility.add_experiment(
+        "mx", "12282b", equipment_id=23, start=NOW - timedelta(hours=2), end=NOW + timedelta(hours=6)
+    )
     config = facility.write_config()
 
     mxsync("--config", config, "--execute", "--once", check=0)
@@ -122,7 +130,9 @@ def test_failing_epn_is_not_recorded_while_others_are(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
     broken = facility.add_experiment("mx", "12282b", equipment_id=23, **ENDED)
     # A directory at the destination where the source has a file: rsync cannot place it (exit 23), even as root.
-    frame = next(path for path in sorted((broken / "frames").iterdir()) if path.is_file() and not path.name.startswith("."))
+    frame = next(
+        path for path in sorted((broken / "frames").iterdir()) if path.is_file() and not path.name.startswith(".")
+    )
     blocker = facility.destination / "ny79" / "12282b" / "data" / "frames" / frame.name
     (blocker / "keep").mkdir(parents=True)
     facility.add_experiment("mx", "12282c", equipment_id=23, **ENDED)
@@ -194,7 +204,9 @@ def test_sigterm_mid_transfer_records_nothing_and_next_pass_completes(facility):
     config = facility.write_config(rsync_bwlimit="256")  # about 16 s for the frames
     log_file = facility.workdir / "log" / "sync.log"
 
-    process = subprocess.Popen(MXSYNC + ["--config", str(config), "--execute", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        MXSYNC + ["--config", str(config), "--execute", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _wait_for(lambda: log_file.exists() and "12282a: started" in log_file.read_text(), process)
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
@@ -217,7 +229,9 @@ def test_hand_edit_during_a_pass_survives(facility):
     config = facility.write_config(rsync_bwlimit="512", max_tasks=1)
     log_file = facility.workdir / "log" / "sync.log"
 
-    process = subprocess.Popen(MXSYNC + ["--config", str(config), "--execute", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        MXSYNC + ["--config", str(config), "--execute", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     _wait_for(lambda: log_file.exists() and "12282b: started" in log_file.read_text(), process)
     # Staff add an EPN by hand (and drop none) while mxsync is in the middle of a pass.
     current = recorded(config)
@@ -262,10 +276,26 @@ def test_missing_destination_root_starts_no_rsync_and_alerts(facility):
 
 def test_hostile_names_from_the_portal_write_nothing_outside_the_root(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
-    for hostile in ["../../12282a", "12282a/../../x", "-e touch pwned", "12282a; touch pwned", "１２２８２a", "12282a\n", "1" * 300 + "a"]:
-        facility.portal.add_raw_visit(23, {"id": 9, "epn": hostile, "start_time": ENDED["start"].isoformat(),
-                                           "end_time": ENDED["end"].isoformat(), "principal_scientist": None,
-                                           "data_scientists": []})
+    for hostile in [
+        "../../12282a",
+        "12282a/../../x",
+        "-e touch pwned",
+        "12282a; touch pwned",
+        "１２２８２a",
+        "12282a\n",
+        "1" * 300 + "a",
+    ]:
+        facility.portal.add_raw_visit(
+            23,
+            {
+                "id": 9,
+                "epn": hostile,
+                "start_time": ENDED["start"].isoformat(),
+                "end_time": ENDED["end"].isoformat(),
+                "principal_scientist": None,
+                "data_scientists": [],
+            },
+        )
     config = facility.write_config()
     outside_before = _snapshot_outside(facility)
 
@@ -287,7 +317,9 @@ def test_unknown_host_key_is_refused(facility):
 
     assert result.returncode == 1
     assert recorded(config) == set()
-    assert "Host key verification failed" in sync_log(facility) or "REMOTE HOST IDENTIFICATION HAS CHANGED" in sync_log(facility)
+    assert "Host key verification failed" in sync_log(facility) or "REMOTE HOST IDENTIFICATION HAS CHANGED" in sync_log(
+        facility
+    )
     assert list(facility.destination.iterdir()) == []
 
 
@@ -295,7 +327,9 @@ def test_second_instance_refuses_while_the_first_holds_the_lock(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, frames=2, frame_size=1024 * 1024, **ENDED)
     config = facility.write_config(rsync_bwlimit="256")
     log_file = facility.workdir / "log" / "sync.log"
-    first = subprocess.Popen(MXSYNC + ["--config", str(config), "--execute", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        MXSYNC + ["--config", str(config), "--execute", "--once"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         _wait_for(lambda: log_file.exists() and "12282a: started" in log_file.read_text(), first)
         second = mxsync("--config", config, "--execute", "--once")
@@ -379,8 +413,11 @@ def test_check_connect_reports_each_item(facility):
 def test_no_secret_in_any_output(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
     config = facility.write_config()
-    outputs = [mxsync("--config", config, "--execute", "--once", "-v"), mxsync("--config", config, "--once", "-v"),
-               mxsync("check", "--config", config, "--connect")]
+    outputs = [
+        mxsync("--config", config, "--execute", "--once", "-v"),
+        mxsync("--config", config, "--once", "-v"),
+        mxsync("check", "--config", config, "--connect"),
+    ]
     texts = [result.stdout + result.stderr for result in outputs] + [sync_log(facility)]
     tokens = facility.portal.issued_tokens if hasattr(facility.portal, "issued_tokens") else []
     for secret in list(facility.secrets) + list(tokens):
@@ -404,7 +441,8 @@ def _snapshot_outside(facility):
     """Every path under the facility's work dir except the destination and the tool's own state and logs."""
     skip = (facility.destination, facility.workdir / "log", facility.workdir / "state")
     return sorted(
-        str(path) for path in facility.workdir.rglob("*")
+        str(path)
+        for path in facility.workdir.rglob("*")
         if not any(path == root or root in path.parents for root in skip) and "sshd" not in path.name
     )
 

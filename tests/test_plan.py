@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from mxsync.config import load_config
+from mxsync.itemize import TransferResult, record_item, verify_destination
 from mxsync.plan import fetch_visits, find_current_start, make_plan
 from mxsync.portal import PortalClient, Visit, format_portal_time
-from mxsync.itemize import TransferResult, record_item, verify_destination
 from mxsync.rsync import rsh_string
 from tests.facility.portal import DEFAULT_CREDENTIALS
 
@@ -110,16 +110,22 @@ def test_portal_time_formats(local_zone_utc_plus_10):
 
 def portal_config(tmp_path, portal, **extra):
     portal.set_credentials(DEFAULT_CREDENTIALS)
-    credentials = {"username": DEFAULT_CREDENTIALS.username, "password": DEFAULT_CREDENTIALS.password,
-                   "client_name": DEFAULT_CREDENTIALS.client_name, "client_password": DEFAULT_CREDENTIALS.client_password}
-    return write_config(tmp_path, **{"base-url": portal.url, "portal-retries": 0, **extra,
-                                     "equipment": [{"id": 23, **credentials}]})
+    credentials = {
+        "username": DEFAULT_CREDENTIALS.username,
+        "password": DEFAULT_CREDENTIALS.password,
+        "client_name": DEFAULT_CREDENTIALS.client_name,
+        "client_password": DEFAULT_CREDENTIALS.client_password,
+    }
+    return write_config(
+        tmp_path, **{"base-url": portal.url, "portal-retries": 0, **extra, "equipment": [{"id": 23, **credentials}]}
+    )
 
 
 @pytest.mark.parametrize("time_format", ["local", "utc", "utc-offset"])
 @pytest.mark.parametrize("portal_zone_hours", [11, 14, -12])
-def test_a_portal_that_misreads_query_times_by_a_zone_still_gives_the_right_plan(tmp_path, portal, time_format,
-                                                                                 portal_zone_hours):
+def test_a_portal_that_misreads_query_times_by_a_zone_still_gives_the_right_plan(
+    tmp_path, portal, time_format, portal_zone_hours
+):
     """The portal reads every query time as wall-clock time in its own zone, ignoring any offset."""
     portal.naive_time_zone, portal.offsets_ignored = timezone(timedelta(hours=portal_zone_hours)), True
     now = datetime.now(timezone.utc)

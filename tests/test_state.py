@@ -179,7 +179,11 @@ HAND_WRITTEN = [
     ("empty list, comment", "previouslySynched:\n# nothing synced yet\n", True),
     ("only a comment", "# nothing synced yet", False),
     ("document marker, comment", "---\n# nothing synced yet\n", False),
-    ("flow style with a comment", "# HPC ASSyncy's list\npreviouslySynched: [12283b, 12282a]  # as the old tool wrote it\n", False),
+    (
+        "flow style with a comment",
+        "# HPC ASSyncy's list\npreviouslySynched: [12283b, 12282a]  # as the old tool wrote it\n",
+        False,
+    ),
     ("multi-line flow with comments", "previouslySynched: [\n  12282a,  # first\n  12283b,\n]\n", False),
     ("empty flow list, comment", "previouslySynched: []  # none yet\n", False),
     ("flow style, CRLF", "# c\r\npreviouslySynched: [12282a,\r\n  12283b]  # t\r\n", False),
@@ -253,14 +257,55 @@ def test_hand_layout_that_cannot_be_kept_is_refused_and_left_unchanged(tmp_path,
 
 
 # Lines a hand-written list is made of, and lines of which the line grammar must take none YAML reads otherwise.
-_GOOD_LINES = ["- 12282a", "-   13a", "- 12282a # note", "- 123456789012abcd", "- 12282a  ", "- 14a #", "# comment",
-               "   # indented", "#", "", "   ", "# caf\u00e9 \U0001f600", "# \ufeff", "# a\tb"]
-_TRICKY_LINES = ["- 12282a#not-a-comment", "- 12282a\t# tab", "- 0123a", "  - 14a", "-14a", "- 1234567890123a",
-                 "- 12282abcde", "- 17a: x", "---", "...", "key: 1", "- 12282a # c\u2028- 18a", "- 12282a\t",
-                 "\t# tab-indented", "# \x85- 16a", "# \x07 bell", "- [19a]", "- 12282a # \r- 20a", "-\t21a", "- 0xfa",
-                 "  previouslySynched:", "- 12282a !x"]
-_KEY_LINES = ["previouslySynched:", "previouslySynched:  # the list", "previouslySynched: # a\u2029- 19a",
-              "previouslySynched:#x", "previouslySynched: []", "previouslySynched:\t# tab", "previouslysynched:"]
+_GOOD_LINES = [
+    "- 12282a",
+    "-   13a",
+    "- 12282a # note",
+    "- 123456789012abcd",
+    "- 12282a  ",
+    "- 14a #",
+    "# comment",
+    "   # indented",
+    "#",
+    "",
+    "   ",
+    "# caf\u00e9 \U0001f600",
+    "# \ufeff",
+    "# a\tb",
+]
+_TRICKY_LINES = [
+    "- 12282a#not-a-comment",
+    "- 12282a\t# tab",
+    "- 0123a",
+    "  - 14a",
+    "-14a",
+    "- 1234567890123a",
+    "- 12282abcde",
+    "- 17a: x",
+    "---",
+    "...",
+    "key: 1",
+    "- 12282a # c\u2028- 18a",
+    "- 12282a\t",
+    "\t# tab-indented",
+    "# \x85- 16a",
+    "# \x07 bell",
+    "- [19a]",
+    "- 12282a # \r- 20a",
+    "-\t21a",
+    "- 0xfa",
+    "  previouslySynched:",
+    "- 12282a !x",
+]
+_KEY_LINES = [
+    "previouslySynched:",
+    "previouslySynched:  # the list",
+    "previouslySynched: # a\u2029- 19a",
+    "previouslySynched:#x",
+    "previouslySynched: []",
+    "previouslySynched:\t# tab",
+    "previouslysynched:",
+]
 
 
 @st.composite
@@ -307,7 +352,10 @@ def test_json_store_recover_moves_a_corrupt_file_aside_with_one_warning(tmp_path
     # A second damaged file in the same second never replaces the first copy.
     path.write_bytes(b"[1, 2]")
     assert store.load(recover=True) == {}
-    assert sorted(aside.read_bytes() for aside in tmp_path.glob("state.json.corrupt-*")) == [b"[1, 2]", b'{"epns": {"12282a": ']
+    assert sorted(aside.read_bytes() for aside in tmp_path.glob("state.json.corrupt-*")) == [
+        b"[1, 2]",
+        b'{"epns": {"12282a": ',
+    ]
 
 
 def test_json_store_check_names_an_unusable_shape(tmp_path):

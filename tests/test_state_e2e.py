@@ -18,9 +18,7 @@ def _state_dir(config):
 
 
 def _snapshot(directory):
-    return {
-        path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()
-    }
+    return {path.name: path.read_bytes() for path in directory.iterdir() if path.is_file()}
 
 
 def test_damaged_history_is_moved_aside_and_the_run_goes_on(facility):
@@ -39,15 +37,8 @@ def test_damaged_history_is_moved_aside_and_the_run_goes_on(facility):
     assert aside.read_bytes() == damaged
     # The fresh history is in use.
     assert isinstance(json.loads(history.read_text())["last_cycle"], dict)
-    warnings = [
-        line for line in sync_log(facility).splitlines() if "moved it to" in line
-    ]
-    assert (
-        len(warnings) == 1
-        and str(history) in warnings[0]
-        and str(aside) in warnings[0]
-        and "WARNING" in warnings[0]
-    )
+    warnings = [line for line in sync_log(facility).splitlines() if "moved it to" in line]
+    assert len(warnings) == 1 and str(history) in warnings[0] and str(aside) in warnings[0] and "WARNING" in warnings[0]
     assert result.stderr.count("moved it to") == 1 and "Traceback" not in result.stderr
 
 
@@ -56,9 +47,7 @@ def test_history_with_an_unusable_section_is_moved_aside(facility):
     config = facility.write_config()
     state = _state_dir(config)
     state.mkdir(parents=True, exist_ok=True)
-    (state / "mxsync-state.json").write_text(
-        '{"epns": {"12282a": {"failures": "many"}}}'
-    )
+    (state / "mxsync-state.json").write_text('{"epns": {"12282a": {"failures": "many"}}}')
 
     mxsync("--config", config, "--execute", "--once", check=0)
 
@@ -129,15 +118,9 @@ def test_state_files_of_a_manual_or_cron_run_are_not_world_readable(facility, um
 
     assert result.returncode == 0, result.stderr
     assert recorded(config) == {"12282a"}
-    modes = {
-        name: oct(stat.S_IMODE((state / name).stat().st_mode)) for name in STATE_FILES
-    }
+    modes = {name: oct(stat.S_IMODE((state / name).stat().st_mode)) for name in STATE_FILES}
     assert modes == {name: oct(0o640) for name in STATE_FILES}
-    assert not [
-        path
-        for path in state.iterdir()
-        if path.stat().st_mode & 0o007 and path.is_file()
-    ]
+    assert not [path for path in state.iterdir() if path.stat().st_mode & 0o007 and path.is_file()]
     # An existing file keeps the mode staff gave it.
     os.chmod(state / "ignore.yml", 0o664)
     (state / "ignore.yml").write_text("previouslySynched: []\n")
@@ -149,7 +132,4 @@ def test_state_files_of_a_manual_or_cron_run_are_not_world_readable(facility, um
         umask=umask,
         check=True,
     )
-    assert (
-        recorded(config) == {"12282a"}
-        and stat.S_IMODE((state / "ignore.yml").stat().st_mode) == 0o664
-    )
+    assert recorded(config) == {"12282a"} and stat.S_IMODE((state / "ignore.yml").stat().st_mode) == 0o664

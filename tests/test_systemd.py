@@ -193,16 +193,12 @@ def _venv_problem():
 
 def _show(path):
     """Given a file of `systemctl show` output, return its properties as a dict."""
-    return dict(
-        line.split("=", 1) for line in path.read_text().splitlines() if "=" in line
-    )
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
 def _processes(path):
     """Given `ps -o pid=,comm=` output, return the command names."""
-    return [
-        line.split(None, 1)[1] for line in path.read_text().splitlines() if line.strip()
-    ]
+    return [line.split(None, 1)[1] for line in path.read_text().splitlines() if line.strip()]
 
 
 def _mounts(mountinfo):
@@ -218,17 +214,12 @@ def _mounts(mountinfo):
 
 def _status(text):
     """Given lines of /proc/PID/status, return {field: value}."""
-    return {
-        name: value.strip()
-        for name, value in (line.split(":", 1) for line in text.splitlines())
-    }
+    return {name: value.strip() for name, value in (line.split(":", 1) for line in text.splitlines())}
 
 
 def _prepare(base, facility):
     """Write the install (config, key, unit files) and the driver under `base`; return the nspawn command."""
-    etc, state, log, scratch, test = (
-        base / name for name in ("etc", "state", "log", "scratch", "test")
-    )
+    etc, state, log, scratch, test = (base / name for name in ("etc", "state", "log", "scratch", "test"))
     for directory in (etc, state, log, scratch, test):
         directory.mkdir(parents=True)
     for directory in (state, log, scratch):
@@ -241,9 +232,7 @@ def _prepare(base, facility):
         "key_file": f"{ETC_DIR}/mx_key",
         "known_hosts": f"{ETC_DIR}/known_hosts",
         "destination_root_path": DESTINATION,
-        "log_files": {
-            name: f"{LOG_DIR}/{name}.log" for name in ("sync", "epnalert", "email")
-        },
+        "log_files": {name: f"{LOG_DIR}/{name}.log" for name in ("sync", "epnalert", "email")},
         # Slow enough that stop and reload happen while rsync runs.
         "rsync_bwlimit": "64K",
     }
@@ -254,9 +243,7 @@ def _prepare(base, facility):
     (test / "mx_sync.service").write_text(_render_unit(str(VENV)))
     (test / "mx_sync_home.service").write_text(_render_unit(HOME_VENV))
     (test / "restart.conf").write_text(f"[Service]\nRestartSec={RESTART_SEC}s\n")
-    (test / "sysusers.conf").write_text(
-        f'u {SERVICE_USER} {SERVICE_UID} "mxsync test" {STATE_DIR} /usr/sbin/nologin\n'
-    )
+    (test / "sysusers.conf").write_text(f'u {SERVICE_USER} {SERVICE_UID} "mxsync test" {STATE_DIR} /usr/sbin/nologin\n')
     (test / "driver.sh").write_text(DRIVER)
     (test / "driver.service").write_text(DRIVER_UNIT)
     binds = [
@@ -302,9 +289,7 @@ def _boot(command):
         except subprocess.TimeoutExpired:
             process.kill()
             output, _ = process.communicate()
-        pytest.fail(
-            f"the container did not power off within {BOOT_TIMEOUT} s:\n{output[-4000:]}"
-        )
+        pytest.fail(f"the container did not power off within {BOOT_TIMEOUT} s:\n{output[-4000:]}")
     return output
 
 
@@ -338,25 +323,19 @@ def boot(tmp_path_factory):
     if os.geteuid() != 0:
         _missing("booting a container with systemd-nspawn needs root")
     if shutil.which("systemd-nspawn") is None:
-        _missing(
-            "systemd-nspawn is not installed (Debian package systemd-container; scripts/bootstrap installs it)"
-        )
+        _missing("systemd-nspawn is not installed (Debian package systemd-container; scripts/bootstrap installs it)")
     problem = _venv_problem()
     if problem:
         _missing(problem)
     base = tmp_path_factory.mktemp("systemd")
     with Facility(base / "facility") as facility:
         # A visit that ended yesterday, with 2 MiB of frames.
-        facility.add_experiment(
-            "mx", "12282a", equipment_id=23, frames=8, frame_size=256 * 1024
-        )
+        facility.add_experiment("mx", "12282a", equipment_id=23, frames=8, frame_size=256 * 1024)
         command = _prepare(base, facility)
         console = _boot(command)
     results = base / "test" / "results"
     if not (results / "booted").exists():
-        pytest.skip(
-            f"systemd-nspawn could not boot a container here:\n{console[-3000:]}"
-        )
+        pytest.skip(f"systemd-nspawn could not boot a container here:\n{console[-3000:]}")
     assert (results / "done").exists(), f"the driver did not finish:\n{console[-6000:]}"
     sync_log = base / "log" / "sync.log"
     return Boot(
@@ -428,9 +407,7 @@ def test_stop_mid_transfer_ends_everything_and_records_nothing(boot):
     killed = [line for line in during_stop if "Killing process" in line]
     assert killed == []
     record = boot.ignore_file.read_text() if boot.ignore_file.exists() else ""
-    assert "12282a" not in (
-        (yaml.safe_load(record) or {}).get("previouslySynched") or []
-    )
+    assert "12282a" not in ((yaml.safe_load(record) or {}).get("previouslySynched") or [])
 
 
 def test_config_typo_fails_the_start_and_is_not_restarted(boot):

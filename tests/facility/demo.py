@@ -24,15 +24,23 @@ def main(arguments):
         facility.add_experiment("mx", "12282a", equipment_id=23, frames=20, frame_size=256 * 1024, **ended)
         facility.add_experiment("mx", "12282b", equipment_id=23, **ended)
         facility.add_experiment(
-            "mx", "12290a", equipment_id=23, principal=("Zoë", "Ångström", "zoe@uni.example.edu"),
-            data_scientists=[("Bob", "<b>Builder</b>", "bob@uni.example.edu")], **ended,
+            "mx",
+            "12290a",
+            equipment_id=23,
+            principal=("Zoë", "Ångström", "zoe@uni.example.edu"),
+            data_scientists=[("Bob", "<b>Builder</b>", "bob@uni.example.edu")],
+            **ended,
         )
         facility.add_experiment("mx", "13001a")  # on SFTP with no visit in range
         facility.portal.add_visit(23, "14002a", now + timedelta(days=2), now + timedelta(days=3))  # booked, no data yet
-        facility.add_experiment("mx", "12282c", equipment_id=23, start=now - timedelta(hours=3), end=now + timedelta(hours=5))
+        facility.add_experiment(
+            "mx", "12282c", equipment_id=23, start=now - timedelta(hours=3), end=now + timedelta(hours=5)
+        )
         config = facility.write_config(epn_cap_map={"12282": "ny79"}, log_level="INFO")
-        print(f"Simulated facility up: sshd on 127.0.0.1:{facility.sshd.port}, portal {facility.portal.url}, "
-              f"SMTP sink on port {facility.smtp.port}\nConfig: {config}\n")
+        print(
+            f"Simulated facility up: sshd on 127.0.0.1:{facility.sshd.port}, portal {facility.portal.url}, "
+            f"SMTP sink on port {facility.smtp.port}\nConfig: {config}\n"
+        )
 
         step(f"epnalert --config {config}")
         run("epnalert", "--config", config)

@@ -159,8 +159,8 @@ class PortalSimulator:
             scope = {
                 equipment_id
                 for equipment_id, credentials in self.credentials.items()
-                if presented == (credentials.username, credentials.password,
-                                 credentials.client_name, credentials.client_password)
+                if presented
+                == (credentials.username, credentials.password, credentials.client_name, credentials.client_password)
             }
             if not scope:
                 return 401, _error("Invalid username, password or client credentials")

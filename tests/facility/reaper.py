@@ -28,9 +28,7 @@ def main(command):
     # Blocked signals stay pending for sigwait, so none is lost between two waits.
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGCHLD})
     # Python ignores SIGPIPE and SIGXFSZ; like subprocess, give the command their defaults back.
-    leader = os.posix_spawnp(
-        command[0], command, os.environ, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)
-    )
+    leader = os.posix_spawnp(command[0], command, os.environ, setsigmask=(), setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
     status = 0
     while signal.sigwait(STOP_SIGNALS | {signal.SIGCHLD}) == signal.SIGCHLD:
         exited, _ = _reap()
@@ -94,7 +92,7 @@ def _process_table():
         except OSError:
             continue  # it exited while we looked
         # The command name may hold spaces or parentheses; the fixed fields follow the last ")".
-        state, parent_pid = stat[stat.rindex(")") + 2:].split()[:2]
+        state, parent_pid = stat[stat.rindex(")") + 2 :].split()[:2]
         table[int(entry.name)] = (int(parent_pid), state)
     return table
 

@@ -33,9 +33,7 @@ class SmtpSink:
     `ssl_context` makes it speak TLS from the start (port 465 style), `tls_context` offers STARTTLS.
     """
 
-    def __init__(
-        self, require_auth=None, fail_with=None, ssl_context=None, tls_context=None
-    ):
+    def __init__(self, require_auth=None, fail_with=None, ssl_context=None, tls_context=None):
         self.require_auth = require_auth
         self.fail_with = fail_with
         self.ssl_context = ssl_context
@@ -75,12 +73,8 @@ class SmtpSink:
     def wait_for(self, count=1, timeout=5.0):
         """Return the first `count` messages once they have arrived; raise TimeoutError if they do not."""
         with self._received:
-            if not self._received.wait_for(
-                lambda: len(self.messages) >= count, timeout
-            ):
-                raise TimeoutError(
-                    f"expected {count} message(s) within {timeout} s, got {len(self.messages)}"
-                )
+            if not self._received.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise TimeoutError(f"expected {count} message(s) within {timeout} s, got {len(self.messages)}")
             return self.messages[:count]
 
     async def handle_DATA(self, server, session, envelope):
@@ -93,9 +87,7 @@ class SmtpSink:
             mail_from=envelope.mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
             # SMTP lines end in CRLF; parsed with LF, get_content() gives the text as it was written.
-            message=BytesParser(policy=policy.default).parsebytes(
-                raw.replace(b"\r\n", b"\n")
-            ),
+            message=BytesParser(policy=policy.default).parsebytes(raw.replace(b"\r\n", b"\n")),
             raw=raw,
             login=login,
         )

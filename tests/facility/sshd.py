@@ -97,9 +97,21 @@ class SshServer:
         """Return the ssh argument list without a destination, as `rsync -e shlex.join(...)` wants it."""
         # "-F none" and IdentitiesOnly keep the user's own ssh config and agent out of the tests.
         return [
-            "ssh", "-F", "none", "-i", str(self.client_key), "-p", str(self.port),
-            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "ssh",
+            "-F",
+            "none",
+            "-i",
+            str(self.client_key),
+            "-p",
+            str(self.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={self.known_hosts}",
         ]
 
     def ssh_command(self, *remote_command):
@@ -113,7 +125,9 @@ class SshServer:
         with open(self.log_file, "ab") as log:
             process = subprocess.Popen(
                 [sys.executable, str(REAPER), str(SSHD), "-D", "-e", "-f", str(self._config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -187,7 +201,9 @@ def _keygen(path, comment):
     path.with_suffix(".pub").unlink(missing_ok=True)
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        check=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
     )
 
 

@@ -24,8 +24,15 @@ def write_config(tmp_path, **extra):
         "epn_cap_map": {"12282": "ny79"},
         "ignore": "state/ignore.yml",
         "state-dir": "state",
-        "equipment": [{"id": 23, "username": "u", "password": "portal-secret-1", "client_name": "c",
-                       "client_password": "cp-secret"}],
+        "equipment": [
+            {
+                "id": 23,
+                "username": "u",
+                "password": "portal-secret-1",
+                "client_name": "c",
+                "client_password": "cp-secret",
+            }
+        ],
         "base-url": "https://portal.example.org",
         "beamline": "mx",
         "host": "sftp.example.org",
@@ -79,8 +86,13 @@ def run_cycle(tmp_path, behaviour, epns=("12282a", "12282b", "12282c")):
     config = load_config(write_config(tmp_path), check_files=False)
     history = History(config.state_dir)
     cycle = SyncCycle(
-        config, FakePortal(epns), FakeRunner(behaviour), IgnoreFile(config.ignore_file), history,
-        execute=True, stop=threading.Event(),
+        config,
+        FakePortal(epns),
+        FakeRunner(behaviour),
+        IgnoreFile(config.ignore_file),
+        history,
+        execute=True,
+        stop=threading.Event(),
     )
     return cycle.run(), history
 

@@ -303,10 +303,10 @@ def unexpected_rsync_arguments(command, ssh_target, source_root, destination_roo
 
 
 def rsync_commands(log):
-    """Return the argument lists of every rsync transfer the DEBUG log shows."""
+    """Return the argument lists of every rsync transfer the DEBUG log shows ('Running (EPN: rsync): rsync ...')."""
     commands = []
     for line in log.splitlines():
-        match = re.search(r": running (rsync .*)$", line)
+        match = re.search(r": Running \([^()]*: rsync\): (rsync .*)$", line)
         if match:
             commands.append(shlex.split(match.group(1)))
     return commands

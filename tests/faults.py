@@ -310,10 +310,10 @@ def unexpected_rsync_arguments(command, ssh_target, source_root, destination_roo
 
 
 def rsync_commands(log):
-    """Return the argument lists of every rsync transfer the DEBUG log shows."""
+    """Return the argument lists of every rsync transfer the DEBUG log shows ('Running (EPN: rsync): rsync ...')."""
     commands = []
     for line in log.splitlines():
-        match = re.search(r"Running \([^()]*: rsync\): (rsync .*)$", line)
+        match = re.search(r": Running \([^()]*: rsync\): (rsync .*)$", line)
         if match:
             commands.append(shlex.split(match.group(1)))
     return commands
@@ -389,10 +389,11 @@ def kill_group(process, signal_number=signal.SIGKILL):
 def run_in_process(main, argv):
     """Run a command line's main(argv) in this process, capturing its output; a traceback lands in stderr.
 
-    Logging handlers, signal handlers and the secret masker are restored afterwards, so that runs
-    do not see each other (the masker starts empty, as in a fresh process).
+    Logging handlers, signal handlers, the secret masker and the process supervisor are restored afterwards, so
+    that runs do not see each other (the masker starts empty and children may start, as in a fresh process).
     """
     from mxsync.logsetup import masker
+    from mxsync.processes import supervisor
 
     root = logging.getLogger()
     named = ("epnalert.email", "urllib3", "paramiko")
@@ -404,6 +405,8 @@ def run_in_process(main, argv):
     # A fresh process has no logging handlers (so Python's last-resort handler prints warnings to stderr).
     for handler in saved_root[0]:
         root.removeHandler(handler)
+    # Every run ends by stopping the process supervisor for good (a real process exits then).
+    supervisor.reset()
     stdout, stderr = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -430,6 +433,7 @@ def run_in_process(main, argv):
             signal.signal(number, handler)
         masker._secrets.clear()
         masker._secrets.update(saved_secrets)
+        supervisor.reset()
     return Outcome(returncode, stdout.getvalue(), _without_server_noise(stderr.getvalue()))
 
 
@@ -526,7 +530,7 @@ def reap_control_masters(facility):
     for pid, directory in control_masters(facility).items():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if directory is not None and directory.name.startswith("mxsync-ssh-"):
+        if directory is not None and CONTROL_DIR.fullmatch(directory.name):
             wait_for(lambda directory=directory: not any(directory.glob("*")), timeout=5)
             with contextlib.suppress(OSError):
                 for leftover in directory.iterdir():
@@ -534,9 +538,13 @@ def reap_control_masters(facility):
                 directory.rmdir()
 
 
+# mxsync.connection.short_directory: tempfile.mkdtemp(prefix="mxsync-"), eight random characters.
+CONTROL_DIR = re.compile(r"mxsync-[a-z0-9_]{8}")
+
+
 def control_dirs():
     """The control directories of shared ssh connections under the temporary directory, now."""
-    return set(Path(tempfile.gettempdir()).glob("mxsync-ssh-*"))
+    return {path for path in Path(tempfile.gettempdir()).glob("mxsync-*") if CONTROL_DIR.fullmatch(path.name)}
 
 
 def remove_abandoned_control_dirs(created, settle=5.0):
@@ -560,6 +568,72 @@ def rsync_processes(destination):
         for pid, (_, command) in _process_table().items()
         if command and Path(command[0]).name == "rsync" and any(str(destination) in part for part in command)
     ]
+
+
+def tool_processes(facility):
+    """Return {pid: command line} of every rsync or ssh process working for this facility's tools.
+
+    That is what `pgrep -f` would find: an rsync naming the destination, an ssh (rsync's remote shell, a
+    shared connection, a probe) naming the facility's known-hosts file or client key.
+    """
+    marks = (str(facility.destination), str(facility.sshd.known_hosts), str(facility.sshd.client_key))
+    return {
+        pid: " ".join(command)
+        for pid, (_, command) in _process_table().items()
+        if command
+        and Path(command[0]).name in ("rsync", "ssh")
+        and any(mark in part for part in command for mark in marks)
+    }
+
+
+def tools_gone(facility):
+    """Wait until no rsync or ssh of the facility's tools runs; return what is still running (empty if none)."""
+    wait_for(lambda: not tool_processes(facility), timeout=10)
+    return tool_processes(facility)
+
+
+def signal_tool(process, signal_number, group):
+    """Send a signal to a tool started with start_tool: to its process group (a terminal's Ctrl-C) or to it alone."""
+    with contextlib.suppress(ProcessLookupError):
+        if group:
+            os.killpg(process.pid, signal_number)
+        else:
+            os.kill(process.pid, signal_number)
+
+
+def failure_entries(config_path):
+    """Return {name: entry} of every EPN and source mxsync-state.json counts a failure against."""
+    path = ignore_path(config_path).parent / "mxsync-state.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {
+        f"{section} {name}": entry
+        for section in ("epns", "sources")
+        for name, entry in (data.get(section) or {}).items()
+        if isinstance(entry, dict) and entry.get("failures")
+    }
+
+
+def last_cycle(config_path):
+    """The summary of the last cycle in mxsync-state.json ({} if none): planned, synced, failed, stopped, waiting."""
+    path = ignore_path(config_path).parent / "mxsync-state.json"
+    return json.loads(path.read_text()).get("last_cycle") or {} if path.exists() else {}
+
+
+def record_in_flight(ignore):
+    """True if mxsync is writing `ignore` (ignore.yml's path) now: the temporary file of its atomic write exists."""
+    with contextlib.suppress(OSError), os.scandir(ignore.parent) as entries:
+        return any(entry.name.startswith(f".{ignore.name}.") and entry.name.endswith(".tmp") for entry in entries)
+    return False
+
+
+def inode(path):
+    """The inode of `path`, or None: an atomic write (temporary file, rename) gives the file a new one."""
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------- file systems (root only)

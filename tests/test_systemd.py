@@ -242,7 +242,11 @@ def _prepare(base, facility):
         os.chown(etc / name, SERVICE_UID, SERVICE_UID)
     (test / "mx_sync.service").write_text(_render_unit(str(VENV)))
     (test / "mx_sync_home.service").write_text(_render_unit(HOME_VENV))
-    (test / "restart.conf").write_text(f"[Service]\nRestartSec={RESTART_SEC}s\n")
+    drop_in = f"[Service]\nRestartSec={RESTART_SEC}s\n"
+    if any(ROOT.is_relative_to(hidden) for hidden in ("/tmp", "/var/tmp")):
+        # A checkout under /tmp (CI clones there) is hidden by the unit's PrivateTmp=yes; make it visible again.
+        drop_in += f"BindReadOnlyPaths={ROOT}\n"
+    (test / "restart.conf").write_text(drop_in)
     (test / "sysusers.conf").write_text(f'u {SERVICE_USER} {SERVICE_UID} "mxsync test" {STATE_DIR} /usr/sbin/nologin\n')
     (test / "driver.sh").write_text(DRIVER)
     (test / "driver.service").write_text(DRIVER_UNIT)

@@ -2,6 +2,8 @@
 
 import logging
 import logging.handlers
+import os
+import re
 import sys
 import threading
 
@@ -12,6 +14,10 @@ LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s:%(process)s: %(message)s"
 # Pass as `extra=` for a record that belongs in the log files but not on the console, e.g. the
 # details of an error the program is about to print as its one-line reason anyway.
 FILE_ONLY = {"file_only": True}
+# Control characters from the portal, SFTP or a file name must not forge log lines or move the cursor:
+# they are escaped, and a line break starts an indented continuation, which no parser takes for a record.
+CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+LOG_FILE_MODE = 0o640  # staff read logs through the group; others have no business in them
 
 
 class SecretMasker(logging.Filter):
@@ -34,14 +40,34 @@ class SecretMasker(logging.Filter):
         return text
 
     def filter(self, record):
+        if getattr(record, "mxsync_cleaned", False):  # every handler runs this filter on the same record
+            return True
+        record.mxsync_cleaned = True
+        message = printable(self.mask(record.getMessage()))
         if self._secrets:
-            message = self.mask(record.getMessage())
             if record.exc_info and not record.exc_text:
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:
                 record.exc_text = self.mask(record.exc_text)
-            record.msg, record.args = message, None
+        record.msg, record.args = message, None
         return True
+
+
+def printable(text):
+    """Escape control characters and indent continuation lines, so that no text can pass for a log record."""
+    text = CONTROL.sub(
+        lambda match: f"\\x{ord(match.group()):02x}" if ord(match.group()) < 0x100 else f"\\u{ord(match.group()):04x}",
+        text,
+    )
+    return text.replace("\n", "\n    ")
+
+
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file created owner read-write and group read, whatever the umask."""
+
+    def _open(self):
+        descriptor = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
+        return os.fdopen(descriptor, "a", encoding=self.encoding, errors=self.errors)
 
 
 # One masker for the process: clients register tokens here as they receive them.
@@ -90,6 +116,6 @@ def setup_logging(
 
 def _file_handler(path, max_bytes, backup_count, formatter):
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
+    handler = PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
     handler.setFormatter(formatter)
     return handler

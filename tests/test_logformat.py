@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import stat
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -76,3 +77,29 @@ def test_every_line_of_sync_log_has_the_old_format_and_the_real_pid(facility, ex
     assert any(match["message"].startswith(outcome) for match in matches)
     if execute:
         assert not any("[dry run]" in line for line in lines)
+
+
+def test_log_files_are_not_world_readable_and_names_cannot_forge_lines(facility):
+    """Issue 19 items 2 and 3: control characters from the portal are escaped; log files are 0640 whatever the umask."""
+    forged = "12282a\n2026-01-01 00:00:00,000 - mxsync.sync - INFO:1: 99999z: synced and verified\x1b[2J"
+    facility.portal.add_raw_visit(
+        23, {"epn": forged, "start_time": ENDED["start"].isoformat(), "end_time": ENDED["end"].isoformat()}
+    )
+    config = facility.write_config()
+    old = os.umask(0o022)
+    try:
+        subprocess.run([*MXSYNC, "--config", str(config), "--once"], capture_output=True, timeout=120, check=False)
+    finally:
+        os.umask(old)
+    log_file = facility.workdir / "log" / "sync.log"
+    assert stat.S_IMODE(log_file.stat().st_mode) == 0o640
+    lines = log_file.read_text().splitlines()
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert "\x1b" not in log_file.read_text()
+
+
+def test_printable_escapes_control_characters_and_indents_continuation_lines():
+    from mxsync.logsetup import printable
+
+    text = printable("Eve\r\n2026-01-01 - x - INFO:1: fake\x1b[2J \u2028 Zoë")
+    assert text == "Eve\\x0d\n    2026-01-01 - x - INFO:1: fake\\x1b[2J \\u2028 Zoë"

@@ -41,8 +41,10 @@ RESTART_KEYS = {"state_dir": "state-dir"}
 class Signals:
     """Turns SIGTERM/SIGINT into a stop (stopping every child at once) and SIGHUP into a reload request.
 
-    The handlers only write the signal's number to a pipe: a thread of its own reads it and acts, so nothing
-    that takes a lock (logging, events) runs inside a handler, which may interrupt the main thread holding it.
+    Python runs signal handlers in the main thread only, and only once it wakes: a signal the kernel hands to
+    another thread would wait while the main thread sleeps. So the interpreter writes each signal's number to
+    a pipe itself (set_wakeup_fd, from whichever thread received it), and a thread of its own reads the pipe
+    and acts; the Python-level handlers do nothing, and nothing that takes a lock runs inside one.
     """
 
     def __init__(self):
@@ -55,18 +57,28 @@ class Signals:
 
     def install(self):
         threading.Thread(target=self._act, name="signals", daemon=True).start()
-        for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signal_number, self._handle)
+        self._previous_wakeup = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
+        self._previous_handlers = {
+            signal_number: signal.signal(signal_number, _ignore)
+            for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
 
-    def _handle(self, signal_number, _frame):
-        try:
-            os.write(self._write_end, bytes([signal_number]))
-        except OSError:  # the pipe is full of earlier signals: they are acted on anyway
-            pass
+    def uninstall(self):
+        """Give the process its previous handlers back (a run inside a longer-lived process, e.g. tests)."""
+        for signal_number, handler in self._previous_handlers.items():
+            signal.signal(signal_number, handler)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        os.close(self._write_end)  # the thread reads the end of the pipe and finishes
 
     def _act(self):
         while True:
-            for signal_number in os.read(self._read_end, 64):
+            received = os.read(self._read_end, 64)
+            if not received:
+                os.close(self._read_end)
+                return
+            for signal_number in received:
+                if signal_number not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    continue
                 if signal_number == signal.SIGHUP:
                     logger.info("Received SIGHUP: reloading the configuration")
                     self.reload_requested = True
@@ -93,6 +105,10 @@ class Signals:
             self.wake.wait(remaining)
             self.wake.clear()
         return self.stop.is_set()
+
+
+def _ignore(_signal_number, _frame):
+    """The Python-level handler: the wakeup pipe already carries the signal to Signals._act."""
 
 
 def run_service(config_path, execute, once, verbose=False):
@@ -131,6 +147,7 @@ def run_service(config_path, execute, once, verbose=False):
         supervisor.stop_all()
         notifier.stopping()
         lock.release()
+        signals.uninstall()
         logger.info("mxsync stopped: %s", reason)
     if signals.stop.is_set():
         return 1 if once else 0  # --once promises 0 only when everything planned was synced

@@ -57,26 +57,13 @@ class Signals:
 
     def install(self):
         threading.Thread(target=self._act, name="signals", daemon=True).start()
-        self._previous_wakeup = signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
-        self._previous_handlers = {
-            signal_number: signal.signal(signal_number, _ignore)
-            for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        }
-
-    def uninstall(self):
-        """Give the process its previous handlers back (a run inside a longer-lived process, e.g. tests)."""
-        for signal_number, handler in self._previous_handlers.items():
-            signal.signal(signal_number, handler)
-        signal.set_wakeup_fd(self._previous_wakeup)
-        os.close(self._write_end)  # the thread reads the end of the pipe and finishes
+        signal.set_wakeup_fd(self._write_end, warn_on_full_buffer=False)
+        for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signal_number, _ignore)
 
     def _act(self):
         while True:
-            received = os.read(self._read_end, 64)
-            if not received:
-                os.close(self._read_end)
-                return
-            for signal_number in received:
+            for signal_number in os.read(self._read_end, 64):
                 if signal_number not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     continue
                 if signal_number == signal.SIGHUP:
@@ -147,7 +134,7 @@ def run_service(config_path, execute, once, verbose=False):
         supervisor.stop_all()
         notifier.stopping()
         lock.release()
-        signals.uninstall()
+        # The handlers stay installed to the end: a second stop signal during shutdown must not kill mxsync.
         logger.info("mxsync stopped: %s", reason)
     if signals.stop.is_set():
         return 1 if once else 0  # --once promises 0 only when everything planned was synced

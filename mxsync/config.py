@@ -41,6 +41,10 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 # Python 3.13 (and the 2024 security releases before it) parses strictly by default and refuses 'a@x.edu; b@y.edu',
 # which HPC ASSyncy sent to; ask for its lax parser where there is the choice, so every Python reads a config alike.
 GETADDRESSES_OPTIONS = {"strict": False} if "strict" in inspect.signature(getaddresses).parameters else {}
+# A running visit's new files reach home within minutes, while a pass that finds nothing new costs one listing.
+LIVE_INTERVAL_MINUTES = 10
+# The facility's MX auto-processing runs after collection and can queue for hours; its output is part of the EPN.
+SETTLE_MINUTES = 240
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class Config:
     destination_must_be_mount_point: bool
     sync_frequency_hours: float
     max_tasks: int
+    live_interval_minutes: int  # 0: no passes while a visit runs
+    settle_minutes: int  # 0: the final pass as soon as the visit ends
     rsync_options: tuple[str, ...]
     rsync_bwlimit: Optional[str]
     rsync_io_timeout: int
@@ -369,6 +375,9 @@ TOP_LEVEL = {
     "destination-must-be-mount-point": (_boolean, False),
     "sync-frequency-hours": (_number(0.001, 8760), 24.0),
     "max-tasks": (_integer(1, 64), 1),
+    # A day between live passes is no longer live, and a week of settling is beyond any processing queue: typos.
+    "live-interval-minutes": (_integer(0, 1440), LIVE_INTERVAL_MINUTES),
+    "settle-minutes": (_integer(0, 10080), SETTLE_MINUTES),
     "rsync-options": (_string_list, ()),
     "rsync-bwlimit": (_bwlimit, None),
     "rsync-io-timeout": (_integer(0, 86400), 600),
@@ -789,6 +798,7 @@ def load_config(path, check_files=True):
     for key in ("key-file", "known-hosts") if check_files else ():
         _check_ssh_file(key, resolve(key), values, collector)
     _check_waiting_for_data(values, collector)
+    _check_settle(values, collector)
 
     passwords = any(e.password or e.client_password for e in equipment) or smtp.password
     _warn_if_readable_by_others(path, passwords, collector)
@@ -832,6 +842,8 @@ def load_config(path, check_files=True):
         destination_must_be_mount_point=values["destination-must-be-mount-point"],
         sync_frequency_hours=values["sync-frequency-hours"],
         max_tasks=values["max-tasks"],
+        live_interval_minutes=values["live-interval-minutes"],
+        settle_minutes=values["settle-minutes"],
         rsync_options=values["rsync-options"],
         rsync_bwlimit=values["rsync-bwlimit"],
         rsync_io_timeout=values["rsync-io-timeout"],
@@ -1022,6 +1034,16 @@ def _check_waiting_for_data(values, collector):
             "waiting-for-data-alert-hours",
             f"{hours:g} hours is beyond visit-day-range ({days} days), "
             "whose visits are the only ones looked at, so this alert would never come",
+        )
+
+
+def _check_settle(values, collector):
+    minutes, days = values["settle-minutes"], values["visit-day-range"]
+    if minutes is not None and days is not None and minutes > days * 24 * 60:
+        collector.warning(
+            "settle-minutes",
+            f"{minutes} minutes is beyond visit-day-range ({days} days), whose visits are the only ones looked at, "
+            "so a visit could leave the range before its final pass and never be recorded",
         )
 
 

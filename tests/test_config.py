@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mxsync.config import load_config
+from mxsync.config import LIVE_INTERVAL_MINUTES, SETTLE_MINUTES, load_config
 from mxsync.errors import ConfigError
 from mxsync.itemize import TransferResult, record_item
 from mxsync.rsync import BASE_OPTIONS
@@ -397,3 +397,48 @@ def test_secrets_listed_for_masking(legacy_copy):
 def test_absurd_durations_are_refused(tmp_path, key, value):
     with pytest.raises(ConfigError, match=f"{key}: expected a number of at most"):
         load_config(write(tmp_path, {**legacy_data(), key: value}))
+
+
+@pytest.mark.parametrize("key", ["live-interval-minutes", "settle-minutes"])
+@pytest.mark.parametrize("value, expected", [(0, 0), (1, 1), (30, 30), ("45", 45)])
+def test_lifecycle_minutes_take_non_negative_integers(tmp_path, key, value, expected):
+    config = load_config(write(tmp_path, {**legacy_data(), key: value}))
+    assert getattr(config, key.replace("-", "_")) == expected
+
+
+def test_lifecycle_minutes_default_when_missing(legacy_copy):
+    config = load_config(legacy_copy)
+    assert (config.live_interval_minutes, config.settle_minutes) == (LIVE_INTERVAL_MINUTES, SETTLE_MINUTES) == (10, 240)
+
+
+@pytest.mark.parametrize("key", ["live-interval-minutes", "settle-minutes"])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        (-1, "expected an integer of at least 0, got -1"),
+        (1.5, "expected an integer, got 1.5"),
+        ("ten", "expected an integer, got 'ten'"),
+        (True, "expected an integer, got True"),
+        ([10], "expected an integer, got [10]"),
+    ],
+    ids=["negative", "fraction", "text", "bool", "list"],
+)
+def test_lifecycle_minutes_refuse_anything_else_at_their_key_path(tmp_path, key, value, problem):
+    (reported,) = problems_of(tmp_path, **{key.replace("-", "_"): value})
+    assert reported == f"{key}: {problem}"
+
+
+@pytest.mark.parametrize("key, most", [("live-interval-minutes", 1440), ("settle-minutes", 10080)])
+def test_lifecycle_minutes_refuse_typo_sized_values(tmp_path, key, most):
+    (reported,) = problems_of(tmp_path, **{key.replace("-", "_"): most + 1})
+    assert reported == f"{key}: expected an integer of at most {most}, got {most + 1}"
+    assert getattr(load_config(write(tmp_path, {**legacy_data(), key: most})), key.replace("-", "_")) == most
+
+
+def test_settling_beyond_the_visit_range_warns(tmp_path):
+    config = load_config(write(tmp_path, {**legacy_data(), "visit-day-range": 2, "settle-minutes": 2 * 1440 + 1}))
+    assert any(
+        "settle-minutes: 2881 minutes is beyond visit-day-range (2 days)" in warning for warning in config.warnings
+    )
+    config = load_config(write(tmp_path, {**legacy_data(), "visit-day-range": 2, "settle-minutes": 2 * 1440}))
+    assert not any("settle-minutes" in warning for warning in config.warnings)

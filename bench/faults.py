@@ -140,6 +140,24 @@ ROWS = [
         "runs",
         False,
     ),
+    (
+        "a project member's symlinks to another project, the state, outside: planted before the cycle",
+        [scenarios.hostile_project_member("before the cycle")],
+        "runs",
+        True,
+    ),
+    (
+        "a project member swaps the EPN folder or data/ for a symlink as the transfer starts",
+        [scenarios.hostile_project_member("while the transfer starts")],
+        "runs",
+        True,
+    ),
+    (
+        "a project member swaps a folder inside data/ for a symlink during the transfer",
+        [scenarios.hostile_project_member("inside data/ during the transfer")],
+        "runs",
+        True,
+    ),
     ("epnalert: hostile SFTP folder names", [scenarios.epnalert_hostile_folders], "runs", False),
     ("epnalert: a folder name that is not UTF-8", [scenarios.epnalert_undecodable_folder], "runs", False),
     (

@@ -7,6 +7,7 @@ progress and the list that verification checks at the destination.
 import logging
 import os
 import re
+import stat
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,23 +122,58 @@ def _split_link(text, target_length):
 
 
 def verify_destination(result, destination):
-    """Given what rsync reported for the source, return a list of problems at the destination (empty if complete)."""
-    problems = []
+    """Given what rsync reported for the source, return a list of problems at the destination (empty if complete).
+
+    No symlink is followed, on the way to `destination` or below it: one planted where a file or folder should be
+    makes what is behind it count as missing, so a link can never make an incomplete EPN look complete.
+    """
     destination = Path(destination)
+    link = _symlink_on_the_way(destination)
+    if link is not None:
+        return [f"{link} is a symlink, so nothing behind it is counted"]
+    problems = []
+    folders = {Path("."): True}
+
+    def in_real_folder(relative):
+        parent = relative.parent
+        if parent not in folders:
+            folders[parent] = in_real_folder(parent) and _is_real_folder(destination / parent)
+        return folders[parent]
+
     for relative, size in result.files:
+        relative = Path(relative)
         try:
-            found = (destination / relative).stat().st_size
+            found = os.lstat(destination / relative) if in_real_folder(relative) else None
         except OSError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode):
             problems.append(f"{relative}: missing")
-            continue
-        if found != size:
-            problems.append(f"{relative}: {found} bytes, source has {size}")
+        elif found.st_size != size:
+            problems.append(f"{relative}: {found.st_size} bytes, source has {size}")
     for relative, target in result.links:
         try:
-            found = os.readlink(destination / relative)
+            found = os.readlink(destination / relative) if in_real_folder(Path(relative)) else None
         except OSError:
+            found = None
+        if found is None:
             problems.append(f"{relative}: symlink missing")
-            continue
-        if found != target:
+        elif found != target:
             problems.append(f"{relative}: symlink to {found}, source links to {target}")
     return problems
+
+
+def _symlink_on_the_way(destination):
+    """Return the first symlink on the path to `destination`, or None (its root was resolved when it was planned)."""
+    if os.path.realpath(destination) == os.path.abspath(destination):
+        return None
+    for path in [*reversed(destination.parents), destination]:
+        if os.path.islink(path):
+            return path
+    return None
+
+
+def _is_real_folder(path):
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -121,9 +121,11 @@ class ProcessSupervisor:
             lines = masker.mask(stderr_file.read().decode("utf-8", "replace")).splitlines()
             return self.finish(process, lines[-STDERR_TAIL_LINES:])
 
-    def stream(self, arguments, what, on_line, log_prefix):
-        """Run a command, calling on_line(raw bytes) for each stdout line (a True return stops it); return Finished."""
-        process = self.start(arguments, what, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def stream(self, arguments, what, on_line, log_prefix, pass_fds=()):
+        """Run a command, calling on_line(raw bytes) for each stdout line (a True return stops it); return Finished.
+
+        `pass_fds` are descriptors the child inherits (an open destination folder rsync writes into)."""
+        process = self.start(arguments, what, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)
         tail = deque(maxlen=STDERR_TAIL_LINES)
         cut_short = False
         # Both pipes are drained at once so that a chatty stderr can never block the child.

@@ -26,7 +26,9 @@ BASE_OPTIONS = (
     "--perms",
     "--links",
     "--safe-links",
-    "--chmod=Dg+s,ug+w,o-wx,ug+X",
+    # HPC ASSyncy's Dg+s,ug+w,o-wx,ug+X, except that folders stay closed to the group while rsync writes into
+    # them (mxsync.destination gives the group write access back afterwards): see writable_destination.
+    "--chmod=Dg+s,Du+w,Dg-w,Fug+w,o-wx,ug+X",
     "--partial",
     "--include=.info",
     "--exclude=.*",
@@ -73,7 +75,8 @@ class RsyncRunner:
         return arguments + list(session_options)
 
     def rsync_arguments(self, source, destination, dry_run=None, session_options=None):
-        """Given a remote source directory and a local destination, return the rsync argument list."""
+        """Given a remote source directory and a local destination (a path, or an open folder's descriptor), return
+        the rsync argument list."""
         dry_run = self.dry_run if dry_run is None else dry_run
         arguments = ["rsync", *BASE_OPTIONS]
         if self.config.rsync_io_timeout:
@@ -84,7 +87,7 @@ class RsyncRunner:
             arguments.append("--dry-run")
         arguments += list(self.config.rsync_options)
         arguments += ["--rsh", rsh_string(self.ssh_arguments(session_options))]
-        arguments += [self._remote(source), f"{str(destination).rstrip('/')}/"]
+        arguments += [self._remote(source), _local(destination)]
         return arguments
 
     def _remote(self, source):
@@ -221,28 +224,49 @@ class RsyncRunner:
             if progress is not None:
                 progress(holder["result"])
 
-        finished = self._run_rsync(build, f"{epn}: rsync", on_line)
+        pass_fds = (destination,) if isinstance(destination, int) else ()
+        finished = self._run_rsync(build, f"{epn}: rsync", on_line, pass_fds)
         result = holder["result"]
         result.seconds = time.monotonic() - started
         if finished.returncode != 0:
-            raise rsync_failure("", finished)
+            raise rsync_failure("", _name_open_folder(finished, destination))
         return result
 
-    def _run_rsync(self, build, what, on_line):
+    def _run_rsync(self, build, what, on_line, pass_fds=()):
         """Run the command build(session options) gives; over the shared connection first, then alone if it failed."""
         if self.connection is not None:
             with self.connection.session() as options:
                 options = options or None  # no free master: a connection of its own
-                finished = supervisor.stream(build(options), what, on_line, what)
+                finished = supervisor.stream(build(options), what, on_line, what, pass_fds)
             if finished.stopped and finished.returncode != 0:
                 raise TransferStopped(f"{what}: stopped")
             if finished.returncode != 255 or finished.cut_short or not options:
                 return finished
             self.connection.failed_session(what, finished)
-        finished = supervisor.stream(build(None), what, on_line, what)
+        finished = supervisor.stream(build(None), what, on_line, what, pass_fds)
         if finished.stopped and finished.returncode != 0:
             raise TransferStopped(f"{what}: stopped")
         return finished
+
+
+def _local(destination):
+    # An open folder (mxsync.destination.writable_destination) is named through the descriptor rsync inherits: rsync
+    # writes into that folder whatever its path has been made to lead to since.
+    if isinstance(destination, int):
+        return f"/proc/self/fd/{destination}/"
+    return f"{str(destination).rstrip('/')}/"
+
+
+def _name_open_folder(finished, destination):
+    """rsync's messages name an open folder /proc/self/fd/N/...: put the folder's path there, for the operator."""
+    if isinstance(destination, int):
+        try:
+            path = os.readlink(f"/proc/self/fd/{destination}")
+        except OSError:
+            return finished
+        descriptor = _local(destination)
+        finished.stderr_tail = [line.replace(descriptor, f"{path}/") for line in finished.stderr_tail]
+    return finished
 
 
 def rsh_string(arguments):

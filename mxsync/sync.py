@@ -9,11 +9,12 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from mxsync import alerts
-from mxsync.destination import check_destination_root, make_epn_folders
+from mxsync.destination import check_destination_root, writable_destination
 from mxsync.errors import (
     DestinationError,
     ProcessStartError,
@@ -275,17 +276,20 @@ class SyncCycle:
     def _transfer_with_retries(self, transfer):
         attempts = self.config.rsync_retries + 1
         for attempt in range(1, attempts + 1):
-            if self.execute:
-                make_epn_folders(self.config, transfer.destination)
+            if self.execute:  # rsync writes into the open data folder, closed to the project's group meanwhile
+                folders = writable_destination(self.config, transfer.destination)
+            else:
+                folders = nullcontext(transfer.destination)
             try:
-                return self.runner.transfer(
-                    transfer.epn,
-                    transfer.source,
-                    transfer.destination,
-                    progress=lambda result: self.activity.update(
-                        transfer.epn, len(result.files), result.bytes_transferred
-                    ),
-                )
+                with folders as destination:
+                    return self.runner.transfer(
+                        transfer.epn,
+                        transfer.source,
+                        destination,
+                        progress=lambda result: self.activity.update(
+                            transfer.epn, len(result.files), result.bytes_transferred
+                        ),
+                    )
             except RsyncError as error:
                 if not error.transient or attempt == attempts or self.stop.is_set():
                     raise

@@ -292,7 +292,9 @@ def unexpected_rsync_arguments(command, ssh_target, source_root, destination_roo
     parts = (
         Path(destination).relative_to(destination_root).parts if destination.startswith(f"{destination_root}/") else ()
     )
-    if len(parts) != 3 or parts[1:] != (epn, "data") or not destination.endswith("/data/"):
+    # A transfer writes into the open data folder, named through its descriptor (mxsync.destination); a dry run's path.
+    open_folder = re.fullmatch(r"/proc/self/fd/[0-9]+/", destination) and "--dry-run" not in options
+    if not open_folder and (len(parts) != 3 or parts[1:] != (epn, "data") or not destination.endswith("/data/")):
         problems.append(f"destination {destination!r}")
     position = 0
     while position < len(options):
@@ -562,12 +564,30 @@ def remove_abandoned_control_dirs(created, settle=5.0):
 
 
 def rsync_processes(destination):
-    """Return the pids of rsync processes writing under `destination`."""
+    """Return the pids of rsync processes writing under `destination`: named in their arguments, or holding a folder
+    there open (mxsync gives rsync the open data folder as /proc/self/fd/N)."""
     return [
         pid
         for pid, (_, command) in _process_table().items()
-        if command and Path(command[0]).name == "rsync" and any(str(destination) in part for part in command)
+        if command
+        and Path(command[0]).name == "rsync"
+        and (any(str(destination) in part for part in command) or _holds_folder_under(pid, destination))
     ]
+
+
+def _holds_folder_under(pid, destination):
+    try:
+        descriptors = [f"fd/{name}" for name in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    for name in ["cwd", *descriptors]:
+        try:
+            target = os.readlink(f"/proc/{pid}/{name}")
+        except OSError:
+            continue
+        if target == str(destination) or target.startswith(f"{destination}/"):
+            return True
+    return False
 
 
 def tool_processes(facility):

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -1669,3 +1670,37 @@ def _waiting_said(lines):
         if match:
             found[match.group(1)] = match.group(2)
     return found
+
+
+HOSTILE_MEMBER_ATTACKS = {
+    "before the cycle": "test_links_planted_before_the_cycle_redirect_nothing",
+    "while the transfer starts": "test_links_planted_while_the_transfer_starts_redirect_nothing",
+    "inside data/ during the transfer": "test_link_planted_inside_data_during_the_transfer_redirects_nothing",
+}
+
+
+def hostile_project_member(attack):
+    """A project member's symlinks towards another project, the state folder and outside the root (issue 19).
+
+    Runs tests/test_security.py's case for `attack` on a site of its own (the attacker is a second real account),
+    as root or as an unprivileged service account and with the installed or an older rsync, picked at random.
+    """
+
+    def scenario(facility, tally, rng):
+        from tests import test_security as security
+        from tests.facility.oldrsync import old_rsync_directory
+
+        service = rng.choice([None, security.service_account()])
+        older = rng.random() < 0.5
+        rsync = old_rsync_directory() / "rsync" if older else Path(shutil.which("rsync"))
+        tally.notes["older rsync"] = tally.notes.get("older rsync", 0) + older
+        tally.notes["as service account"] = tally.notes.get("as service account", 0) + (service is not None)
+        with security.security_site(service, rsync) as site:
+            tally.runs += 1
+            try:
+                getattr(security, HOSTILE_MEMBER_ATTACKS[attack])(site)
+            except AssertionError as error:
+                tally.unmet.append(f"{attack}: {error}"[:500])
+
+    scenario.__name__ = f"hostile_project_member_{attack.split()[0]}"
+    return scenario

@@ -434,8 +434,9 @@ def _wait_for(condition, process, timeout=60):
 
 
 def _rsync_processes_for(facility):
-    found = subprocess.run(["pgrep", "-f", f"rsync.*{facility.destination}"], capture_output=True, text=True)
-    return found.stdout.split()
+    from tests.faults import rsync_processes  # rsync is given the open data folder, not its path: see there
+
+    return rsync_processes(facility.destination)
 
 
 def _snapshot_outside(facility):

@@ -2,6 +2,7 @@
 
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import yaml
@@ -78,6 +79,8 @@ class FakeRunner:
         action = self.behaviour.get(epn)
         if isinstance(action, BaseException):
             raise action
+        if isinstance(destination, int):  # the open data folder (mxsync.destination.writable_destination)
+            destination = Path(f"/proc/self/fd/{destination}")
         (destination / "frame.cbf").write_bytes(b"x")
         return TransferResult(epn, files=FileList([("frame.cbf", 1)]), files_transferred=0)
 

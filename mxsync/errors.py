@@ -43,10 +43,11 @@ class MailError(MxsyncError):
 class RsyncError(MxsyncError):
     """An rsync run failed; carries the exit code, its meaning and the tail of its output."""
 
-    def __init__(self, message, returncode=None, transient=False):
+    def __init__(self, message, returncode=None, transient=False, source_changed=False):
         super().__init__(message)
         self.returncode = returncode
         self.transient = transient
+        self.source_changed = source_changed  # files vanished while rsync ran: expected while a visit runs
 
 
 class ProcessStartError(RsyncError):

@@ -9,6 +9,7 @@ import threading
 from datetime import datetime, timezone
 
 from mxsync.errors import StateFileError
+from mxsync.lifecycle import LastPass, Outcome, PassKind
 from mxsync.names import describe
 from mxsync.state import JsonStore
 
@@ -125,6 +126,66 @@ class History:
                 self.data["epns"][epn]["alerted"] = True
             for name in sources:
                 self.data["sources"][name]["alerted"] = True
+
+    def pass_started(self, epn, kind):
+        """Note that a pass of `kind` ("live", "final") began; return the token pass_finished takes."""
+        return (epn, kind, utc_now_text())
+
+    def pass_finished(self, token, outcome, error=None, files=None, bytes_transferred=None):
+        """Note how a pass ended ("ok", "failed", "no-data", "stopped"): its EPN's lifecycle goes on from it."""
+        epn, kind, started = token
+        with self._lock:
+            self.data.setdefault("passes", {})[epn] = {
+                "kind": kind,
+                "started": started,
+                "finished": utc_now_text(),
+                "outcome": outcome,
+                "error": error,
+            }
+            self.save()
+
+    def last_pass(self, epn):
+        """Return the EPN's last pass as a lifecycle.LastPass, or None."""
+        entry = self.data.get("passes", {}).get(epn)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return LastPass(
+                PassKind(entry["kind"]),
+                datetime.fromisoformat(entry["started"]),
+                datetime.fromisoformat(entry["finished"]),
+                Outcome(entry["outcome"]),
+                entry.get("error"),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def failures(self, epn):
+        entry = self.data["epns"].get(epn)
+        return entry["failures"] if entry else 0
+
+    def recorded(self, epn):
+        """Note that mxsync recorded the EPN in ignore.yml (so a later removal by hand is noticed)."""
+        with self._lock:
+            entry = self.data.setdefault("passes", {}).get(epn)
+            if isinstance(entry, dict):
+                entry["recorded"] = True
+            self.save()
+
+    def reconcile(self, recorded_epns):
+        """ignore.yml wins: forget the passes of EPNs recorded by mxsync and since removed by hand; return them."""
+        passes = self.data.get("passes", {})
+        removed = sorted(
+            epn
+            for epn, entry in passes.items()
+            if isinstance(entry, dict) and entry.get("recorded") and epn not in recorded_epns
+        )
+        if removed:
+            with self._lock:
+                for epn in removed:
+                    passes.pop(epn, None)
+                self.save()
+        return removed
 
     def cycle_finished(self, summary):
         with self._lock:

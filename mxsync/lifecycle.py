@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Optional
 
-from mxsync.plan import LONGEST_VISIT
+from mxsync.plan import visit_end
 
 # A failed pass has already been retried within itself (rsync-retries); wait this long before the next one,
 # doubling with each failure in a row up to RETRY_LONGEST, so a facility outage is not hammered.
@@ -123,7 +123,7 @@ def assess(facts, now, timing):
         return Entry(facts.epn, State.UNMAPPED, PassKind.NONE, None)
     if facts.refusal is not None:
         return Entry(facts.epn, State.REFUSED, PassKind.NONE, None, error=facts.refusal)
-    spans = [(visit.start, _end(visit)) for visit in facts.visits if visit.start is not None]
+    spans = [(visit.start, visit_end(visit)) for visit in facts.visits if visit.start is not None]
     if not spans:
         raise ValueError(f"EPN {facts.epn} has no visit with a start time to place it in its lifecycle")
     for start, end in spans:
@@ -205,11 +205,6 @@ def describe(entry, now, zone=timezone.utc):
     else:
         then = f"{entry.next_pass.value} pass at {_when(entry.due, zone)} ({_relative(entry.due, now)})"
     return f"{entry.epn}: {entry.state.value}{detail}; next: {then}"
-
-
-def _end(visit):
-    """A visit's end; one without an end is taken to be over LONGEST_VISIT after its start (as in mxsync.plan)."""
-    return visit.end if visit.end is not None else visit.start + LONGEST_VISIT
 
 
 def require_aware(moment):

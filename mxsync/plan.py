@@ -1,13 +1,12 @@
-"""Which EPNs a cycle should sync: the old tool's rule, as pure functions over the portal's visits.
+"""Which EPNs a cycle looks at: pure functions over the portal's visits.
 
-Visits in progress (overlapping now to now + 1 h on any equipment) set `current_start`, their
-earliest start. Only visits that ended before `current_start`, within `visit-day-range` days of
-it, are candidates; an EPN with any visit not yet ended waits, so a later beamtime of the same
-EPN is never cut off by an earlier sync.
+Every EPN with a visit in the window (ended within `visit-day-range` days, running now, or booked up to
+BOOKING_AHEAD ahead) that is mapped, not yet recorded and has a safe destination is a candidate; its
+lifecycle (mxsync.lifecycle) decides what it gets next: a live pass, the final pass, or nothing yet.
 
 Nobody here can ask the production portal how it reads the times of a query (an offset may be
-ignored), so each query reaches QUERY_MARGIN beyond the window the rule needs, and the rule is
-decided here on each visit's own start and end, never on which query returned it.
+ignored), so each query reaches QUERY_MARGIN beyond the window, and every decision is made on each
+visit's own start and end, never on which query returned it.
 """
 
 import logging
@@ -20,9 +19,10 @@ from mxsync.names import epn_number
 
 logger = logging.getLogger("mxsync.plan")
 
-CURRENT_WINDOW = timedelta(hours=1)
+# Bookings this far ahead are learned at each poll, so a live pass starts when its visit starts.
+BOOKING_AHEAD = timedelta(days=7)
 # Beamtimes last hours to a few days; a visit without a usable end that started longer ago than this is
-# taken to be over rather than holding back every sync.
+# taken to be over rather than holding back its EPN's record.
 LONGEST_VISIT = timedelta(days=7)
 # More than any UTC offset (-12 h to +14 h), so a portal that misreads our times by a zone still answers.
 QUERY_MARGIN = timedelta(days=1)
@@ -34,15 +34,15 @@ class PlannedTransfer:
     project: str
     source: str
     destination: object
-    visit: object
+    visit: object  # its latest visit, which describes it best (beamline, source path)
+    visits: tuple = ()  # all its visits in the window, for its lifecycle
 
 
 @dataclass
 class Plan:
-    """The outcome of planning one cycle; every EPN seen lands in exactly one list."""
+    """The EPNs seen in one poll, each in exactly one list (not_ended overlaps candidates: it is for the log)."""
 
-    current_start: object
-    transfers: list[PlannedTransfer] = field(default_factory=list)
+    candidates: list[PlannedTransfer] = field(default_factory=list)
     synced: list[str] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
     not_ended: list[str] = field(default_factory=list)
@@ -52,69 +52,46 @@ class Plan:
 
 
 def fetch_visits(config, portal, now):
-    """Ask every equipment for its visits; return (current, previous, suspicious, errors, current_start).
+    """Ask every equipment for its visits from visit-day-range ago to BOOKING_AHEAD ahead.
 
-    `current` and `previous` are the answers to the two queries, which overlap; make_plan reads them as one pool.
+    Return (visits, suspicious records, errors): one error per equipment whose query failed.
     """
-    current, suspicious, errors, answered = [], [], [], []
+    visits, suspicious, errors = [], [], []
+    start = now - timedelta(days=config.visit_day_range) - QUERY_MARGIN
     for equipment in config.equipment:
         try:
-            visits, odd = portal.visits(equipment, now - QUERY_MARGIN, now + CURRENT_WINDOW + QUERY_MARGIN)
+            found, odd = portal.visits(equipment, start, now + BOOKING_AHEAD + QUERY_MARGIN)
         except PortalError as error:
             errors.append(str(error))
             continue
-        current += visits
+        visits += found
         suspicious += odd
-        answered.append(equipment)
-    start = find_current_start(current, now)
-    previous = []
-    window_start = start - timedelta(days=config.visit_day_range) - QUERY_MARGIN
-    for equipment in answered:
-        try:
-            visits, odd = portal.visits(equipment, window_start, start + QUERY_MARGIN)
-        except PortalError as error:
-            errors.append(str(error))
-            continue
-        previous += visits
-        suspicious += odd
-    return current, previous, suspicious, errors, find_current_start(current + previous, now)
+    return visits, suspicious, errors
 
 
-def find_current_start(visits, now):
-    """Return the earliest start of the visits in progress (overlapping now to now + 1 h by their own times), or now.
+def visit_end(visit):
+    """A visit's end; one without a usable end is taken to be over LONGEST_VISIT after its start."""
+    return visit.end if visit.end is not None else visit.start + LONGEST_VISIT
 
-    A visit with a usable start but no usable end (reported as suspicious) counts as running if it started
-    within LONGEST_VISIT: nothing that ended after its start is synced until the portal says when it ended.
+
+def make_plan(config, visits, synced, now, suspicious=()):
+    """Given the portal's visits, the set of recorded EPNs and the time, return the Plan.
+
+    Pure apart from path resolution. A visit is in the window if it ends (visit_end) within visit-day-range of
+    `now` or later; an EPN's visits outside the window do not count.
     """
-    running = [
-        visit.start
-        for visit in visits
-        if visit.start is not None
-        and visit.start <= now + CURRENT_WINDOW
-        and (visit.end >= now if visit.end is not None else visit.start >= now - LONGEST_VISIT)
-    ]
-    return min([now] + running)
-
-
-def make_plan(config, current, previous, synced, current_start, suspicious=()):
-    """Given visits, the set of synced EPNs and find_current_start's cut-off, return the Plan.
-
-    Pure apart from path resolution; `current` and `previous` are one pool, judged by each visit's own times.
-    """
-    plan = Plan(current_start, suspicious=list(suspicious))
-    visits = list(current) + list(previous)
-    not_ended = {visit.epn for visit in visits if visit.end is None or visit.end >= current_start}
-    oldest_end = current_start - timedelta(days=config.visit_day_range)
-    finished = {}
+    plan = Plan(suspicious=list(suspicious))
+    oldest_end = now - timedelta(days=config.visit_day_range)
+    by_epn = {}
     for visit in visits:
-        if visit.epn in not_ended or visit.start is None or visit.end < oldest_end:
+        if visit.start is None or visit_end(visit) < oldest_end:
             continue
-        # The latest visit of an EPN describes it best (its beamline and source).
-        if visit.epn not in finished or visit.end > finished[visit.epn].end:
-            finished[visit.epn] = visit
-    plan.not_ended = sorted(not_ended)
-    for epn in sorted(finished):
-        visit = finished[epn]
+        by_epn.setdefault(visit.epn, {})[(visit.start, visit.end, visit.equipment_id)] = visit  # queries overlap
+    for epn in sorted(by_epn):
+        own = sorted(by_epn[epn].values(), key=lambda visit: (visit_end(visit), visit.start))
+        latest = own[-1]
+        if visit_end(latest) > now:
+            plan.not_ended.append(epn)
         project = config.project_for(epn_number(epn))
         if epn in synced:
             plan.synced.append(epn)
@@ -127,8 +104,8 @@ def make_plan(config, current, previous, synced, current_start, suspicious=()):
                 plan.refused.append(epn)
                 plan.refusals[epn] = str(error)
                 continue
-            source = _source_path(config, visit) + "/" + epn
-            plan.transfers.append(PlannedTransfer(epn, project, source, destination, visit))
+            source = _source_path(config, latest) + "/" + epn
+            plan.candidates.append(PlannedTransfer(epn, project, source, destination, latest, tuple(own)))
     return plan
 
 
@@ -142,6 +119,7 @@ def _source_path(config, visit):
 def summarise(plan):
     """Return a one-line summary of a plan for the log."""
     return (
-        f"{len(plan.transfers)} to sync, {len(plan.synced)} already synced, {len(plan.unmapped)} unmapped, "
-        f"{len(plan.not_ended)} not ended, {len(plan.refused)} refused, {len(plan.suspicious)} suspicious"
+        f"{len(plan.candidates)} to follow ({len(plan.not_ended)} with a visit not ended), "
+        f"{len(plan.synced)} already synced, {len(plan.unmapped)} unmapped, {len(plan.refused)} refused, "
+        f"{len(plan.suspicious)} suspicious"
     )

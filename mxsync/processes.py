@@ -200,6 +200,10 @@ def _drain_stderr(stream, log_prefix, tail):
             logger.debug("%s: %s", log_prefix, line)
 
 
+# rsync's exit code when source files vanished while it ran: what a facility still writing (and renaming) gives.
+SOURCE_VANISHED = 24
+
+
 def rsync_failure(what, finished):
     """Given how an rsync ended, return the RsyncError describing it."""
     return _failure(what, "rsync", RSYNC_EXIT_CODES, finished)
@@ -220,6 +224,7 @@ def _failure(what, program, meanings, finished):
         f"{prefix}{program} exit {returncode} ({meaning}): {tail_text(finished.stderr_tail)}",
         returncode=returncode,
         transient=transient,
+        source_changed=program == "rsync" and returncode == SOURCE_VANISHED,
     )
 
 

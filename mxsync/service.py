@@ -6,6 +6,7 @@ re-read before each cycle, so staff can map a new EPN without restarting the ser
 every exit path, expected or not, the processes mxsync started are stopped with it.
 """
 
+import functools
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from mxsync.cli_support import apply_logging, load_and_log
 from mxsync.config import load_config
@@ -34,6 +35,9 @@ ACTIVITY_FILE_NAME = "mxsync-activity.json"
 # While ignore.yml is unreadable, look again this often, so that a fixed file resumes transfers soon.
 RECORD_RETRY_SECONDS = 60.0
 RECORD_POLL_SECONDS = 1.0
+# However soon a pass is due, cycles are at least this far apart (a pass due now that could not start, e.g.
+# while the destination is unmounted, waits this long rather than spinning).
+SHORTEST_PAUSE_SECONDS = 30.0
 # Keys a running service cannot change: the instance lock and every state file live in state-dir.
 RESTART_KEYS = {"state_dir": "state-dir"}
 
@@ -115,13 +119,19 @@ def run_service(config_path, execute, once, verbose=False):
     outcome, reason = None, "finished"
     try:
         while True:
-            outcome = run_cycle(settings.config, execute, signals.stop, notifier, settings.pop_problem())
+            outcome = run_cycle(
+                settings.config, execute, signals.stop, notifier, settings.pop_problem(), retry_now=once
+            )
             if once or signals.stop.is_set():
                 break
-            pause = settings.config.sync_frequency_hours * 3600
+            waited_from = datetime.now(timezone.utc)
+            pause = next_pause(settings.config, outcome, waited_from)
             next_cycle = datetime.now() + timedelta(seconds=pause)
             notifier.status(f"idle; last cycle synced {len(outcome.synced)}, next cycle at {next_cycle:%Y-%m-%d %H:%M}")
-            if not wait_for_next_cycle(signals, settings, pause, outcome.record_unreadable):
+            if pause < settings.config.sync_frequency_hours * 3600:
+                logger.info("Next cycle at %s: %s", f"{next_cycle:%Y-%m-%d %H:%M:%S}", outcome.wake_reason)
+            pause_for = functools.partial(next_pause, outcome=outcome, now=waited_from)
+            if not wait_for_next_cycle(signals, settings, pause_for, outcome.record_unreadable):
                 break
             settings.reload()
         reason = signals.stop_reason or reason
@@ -141,11 +151,22 @@ def run_service(config_path, execute, once, verbose=False):
     return 0 if outcome.ok else 1
 
 
-def wait_for_next_cycle(signals, settings, pause, record_unreadable):
-    """Wait out the pause, reloading on SIGHUP; while ignore.yml is unreadable, end as soon as it changes.
+def next_pause(config, outcome, now):
+    """Seconds from `now` to the next cycle: the next pass or visit start the lifecycle knows of, a poll at the latest."""
+    pause = config.sync_frequency_hours * 3600
+    if outcome is not None and outcome.next_wake is not None:
+        until = (outcome.next_wake - now).total_seconds()
+        pause = min(pause, max(SHORTEST_PAUSE_SECONDS, until))
+    return pause
+
+
+def wait_for_next_cycle(signals, settings, pause_for, record_unreadable):
+    """Wait out pause_for(config) seconds, reloading on SIGHUP; while ignore.yml is unreadable, end as soon as it
+    changes.
 
     Return False if the service is stopping. A reload that changes sync-frequency-hours moves the next cycle.
     """
+    pause = pause_for(settings.config)
     started = time.monotonic()
     watched = _file_state(settings.config.ignore_file)
     while True:
@@ -159,7 +180,7 @@ def wait_for_next_cycle(signals, settings, pause, record_unreadable):
         if signals.reload_requested:
             signals.reload_requested = False
             settings.reload()
-            pause = settings.config.sync_frequency_hours * 3600
+            pause = pause_for(settings.config)
         if record_unreadable and _file_state(settings.config.ignore_file) != watched:
             logger.info("%s changed; trying again", settings.config.ignore_file)
             return True
@@ -234,8 +255,10 @@ def _logging_settings(config):
     return (config.log_level, config.log_files, config.log_max_bytes, config.log_backup_count, config.secrets())
 
 
-def run_cycle(config, execute, stop, notifier, config_problem=None):
-    """Run one SyncCycle with fresh clients, reporting progress; return its CycleOutcome."""
+def run_cycle(config, execute, stop, notifier, config_problem=None, retry_now=False):
+    """Run one SyncCycle with fresh clients, reporting progress; return its CycleOutcome.
+
+    `retry_now` (a run by hand, --once) tries failed and waiting EPNs now rather than after their retry delay."""
     activity = Activity()
     history = History(config.state_dir, read_only=not execute)
     if execute:
@@ -249,6 +272,7 @@ def run_cycle(config, execute, stop, notifier, config_problem=None):
         execute,
         stop,
         activity,
+        retry_now=retry_now,
     )
     reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
     reporter.start()

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from mxsync.config import load_config
 from mxsync.errors import PortalError, StateFileError
 from mxsync.history import LOCK_FILE_NAME, History
+from mxsync.lifecycle import EpnFacts, Timing, assess, describe
 from mxsync.names import epn_number
 from mxsync.plan import fetch_visits, make_plan
 from mxsync.portal import PortalClient
@@ -18,7 +19,20 @@ from mxsync.service import ACTIVITY_FILE_NAME
 from mxsync.state import IgnoreFile, InstanceLock
 from mxsync.sync import human_bytes
 
-STATES = ("running", "failed", "waiting", "pending", "not ended", "unmapped", "refused", "synced")
+# The lifecycle's states (mxsync.lifecycle), the ones that need a look first.
+STATES = (
+    "running",
+    "failed",
+    "waiting",
+    "final",
+    "verified",
+    "settling",
+    "collecting",
+    "booked",
+    "unmapped",
+    "refused",
+    "synced",
+)
 
 
 def collect_status(config):
@@ -39,15 +53,14 @@ def collect_status(config):
 
     portal_error = None
     try:
-        states, visits = _plan_states(config, synced, notes)
+        states, visits, following = _plan_states(config, synced, view, notes)
     except PortalError as error:
-        states, visits, portal_error = {}, {}, str(error)
+        states, visits, following, portal_error = {}, {}, {}, str(error)
+    # Without the portal, what the history knows still shows.
     for epn in history["epns"]:
-        if states.get(epn, "pending") == "pending":
-            states[epn] = "failed"
+        states.setdefault(epn, "failed")
     for epn in history.get("waiting", {}):
-        if states.get(epn, "pending") == "pending":
-            states[epn] = "waiting"
+        states.setdefault(epn, "waiting")
     for epn in running:
         states[epn] = "running"
 
@@ -64,6 +77,7 @@ def collect_status(config):
                 "visit_end": visit.end.astimezone(timezone.utc).isoformat() if visit and visit.end else None,
                 "failures": failure.get("failures", 0),
                 "last_error": failure.get("last_error") or waiting.get("reason"),
+                "next": following.get(epn),
             }
         )
     rows.sort(key=lambda row: (STATES.index(row["state"]), row["epn"]))
@@ -82,21 +96,35 @@ def collect_status(config):
     return rows, notes, running, portal_error
 
 
-def _plan_states(config, synced, notes):
-    """Ask the portal and plan as a cycle would; return ({epn: state}, {epn: visit}) or raise PortalError."""
-    current, previous, _suspicious, errors, current_start = fetch_visits(
-        config, PortalClient(config), datetime.now(timezone.utc)
-    )
+def _plan_states(config, synced, history, notes):
+    """Ask the portal and place each EPN in its lifecycle as a cycle would; return ({epn: state}, {epn: visit},
+    {epn: what comes next}) or raise PortalError."""
+    now = datetime.now(timezone.utc)
+    visits, _suspicious, errors = fetch_visits(config, PortalClient(config), now)
     if errors and len(errors) >= len(config.equipment):
         raise PortalError(errors[0])
     notes.extend(errors)
-    plan = make_plan(config, current, previous, synced, current_start)
+    plan = make_plan(config, visits, synced, now)
     states = {epn: "synced" for epn in plan.synced}
     states.update({epn: "unmapped" for epn in plan.unmapped})
-    states.update({epn: "not ended" for epn in plan.not_ended})
     states.update({epn: "refused" for epn in plan.refused})
-    states.update({transfer.epn: "pending" for transfer in plan.transfers})
-    return states, {visit.epn: visit for visit in previous + current}
+    following = {}
+    timing = Timing.from_config(config)
+    for candidate in plan.candidates:
+        facts = EpnFacts(
+            candidate.epn,
+            candidate.visits,
+            last_pass=history.last_pass(candidate.epn),
+            failures=history.failures(candidate.epn),
+        )
+        entry = assess(facts, now, timing)
+        states[candidate.epn] = entry.state.value
+        following[candidate.epn] = describe(entry, now).split("; next: ", 1)[-1]
+    latest = {}
+    for visit in visits:
+        if visit.epn not in latest or (visit.end and latest[visit.epn].end and visit.end > latest[visit.epn].end):
+            latest[visit.epn] = visit
+    return states, latest, following
 
 
 def _running_transfers(config):
@@ -144,6 +172,8 @@ def print_table(rows, notes, running):
     print(f"{'EPN':<12} {'STATE':<10} {'PROJECT':<12} {'VISIT END (UTC)':<17} DETAIL")
     for row in rows:
         detail = f"{row['failures']} failure(s): {row['last_error']}" if row["failures"] else (row["last_error"] or "")
+        if row.get("next"):
+            detail = f"{detail}; next: {row['next']}" if detail else f"next: {row['next']}"
         transfer = running.get(row["epn"])
         if transfer:
             detail = (

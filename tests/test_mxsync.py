@@ -101,7 +101,7 @@ def test_rerun_transfers_nothing(facility):
     before = synced_manifest(facility, "ny79", "12282a")
 
     mxsync("--config", config, "--execute", "--once", check=0)
-    assert "0 to sync, 1 already synced" in sync_log(facility)
+    assert "0 to follow (0 with a visit not ended), 1 already synced" in sync_log(facility)
 
     # Forced re-sync by hand (EPN removed from ignore.yml): rsync finds nothing left to send.
     ignore_path(config).write_text("previouslySynched: []\n")
@@ -112,7 +112,7 @@ def test_rerun_transfers_nothing(facility):
     assert recorded(config) == {"12282a"}
 
 
-def test_visit_in_progress_is_not_synced(facility):
+def test_visit_in_progress_is_copied_live_and_not_recorded(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
     facility.add_experiment(
         "mx", "12282b", equipment_id=23, start=NOW - timedelta(hours=2), end=NOW + timedelta(hours=6)
@@ -121,7 +121,21 @@ def test_visit_in_progress_is_not_synced(facility):
 
     mxsync("--config", config, "--execute", "--once", check=0)
 
-    # The running visit sets the cut-off: only visits that ended before it started are synced.
+    # Issue 11 (b): a running visit's data is home before the visit ends, and its EPN is not recorded.
+    assert recorded(config) == {"12282a"}
+    assert synced_manifest(facility, "ny79", "12282b") == source_manifest(facility, "12282b")
+    assert "12282b: live pass done, nothing recorded" in sync_log(facility)
+
+
+def test_without_live_mode_a_visit_in_progress_is_not_touched(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    facility.add_experiment(
+        "mx", "12282b", equipment_id=23, start=NOW - timedelta(hours=2), end=NOW + timedelta(hours=6)
+    )
+    config = facility.write_config(live_interval_minutes=0)
+
+    mxsync("--config", config, "--execute", "--once", check=0)
+
     assert recorded(config) == {"12282a"}
     assert not (facility.destination / "ny79" / "12282b").exists()
 

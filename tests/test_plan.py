@@ -9,7 +9,7 @@ import yaml
 
 from mxsync.config import load_config
 from mxsync.itemize import TransferResult, record_item, verify_destination
-from mxsync.plan import fetch_visits, find_current_start, make_plan
+from mxsync.plan import LONGEST_VISIT, fetch_visits, make_plan, visit_end
 from mxsync.portal import PortalClient, Visit, format_portal_time
 from mxsync.rsync import rsh_string
 from tests.facility.portal import DEFAULT_CREDENTIALS
@@ -46,47 +46,30 @@ def visit(epn, start_hours, end_hours):
     return Visit(epn, NOW + timedelta(hours=start_hours), NOW + timedelta(hours=end_hours), 23, "mx", None, ())
 
 
-def test_only_visits_ended_before_the_earliest_running_visit(config):
+def test_every_mapped_epn_in_the_window_is_a_candidate_with_all_its_visits(config):
     running = visit("12283b", -5, 3)
-    previous = [visit("12282a", -30, -20), visit("12282b", -4, -2), running]
-    plan = make_plan(config, [running], previous, set(), current_start=running.start)
-    assert [transfer.epn for transfer in plan.transfers] == ["12282a"]
-    assert plan.not_ended == ["12282b", "12283b"]
+    earlier, later = visit("12282a", -48, -40), visit("12282a", -1, 5)
+    plan = make_plan(config, [visit("12282b", -4, -2), running, earlier, later, earlier], set(), NOW)
+    assert [candidate.epn for candidate in plan.candidates] == ["12282a", "12282b", "12283b"]
+    assert plan.candidates[0].visits == (earlier, later) and plan.candidates[0].visit == later  # duplicates once
+    assert plan.not_ended == ["12282a", "12283b"]
 
 
-def test_epn_with_a_later_visit_still_running_waits(config):
-    later = visit("12282a", -1, 5)
-    plan = make_plan(config, [later], [visit("12282a", -48, -40), later], set(), current_start=later.start)
-    assert plan.transfers == [] and "12282a" in plan.not_ended
+def test_a_visit_without_an_end_is_taken_to_last_longest_visit():
+    recent = Visit("12282d", NOW - timedelta(days=2), None, 23, "mx", None, ())
+    assert visit_end(recent) == recent.start + LONGEST_VISIT
 
 
-def test_current_start_is_decided_on_each_visits_own_times():
-    running, later_today = visit("12283b", -5, 3), visit("12283c", 0.5, 8)
-    ended, far_ahead = visit("12282a", -30, -20), visit("12282b", 30, 40)
-    no_end = Visit("12282c", NOW - timedelta(days=90), None, 23, "mx", None, ())
-    assert find_current_start([ended, far_ahead, no_end], NOW) == NOW
-    assert find_current_start([ended, later_today, running, far_ahead], NOW) == running.start
-    assert find_current_start([visit("12283d", -2, 0)], NOW) == NOW - timedelta(hours=2)  # ends now: still on
-    recent_no_end = Visit("12282d", NOW - timedelta(days=2), None, 23, "mx", None, ())
-    assert find_current_start([ended, recent_no_end], NOW) == recent_no_end.start  # may still run: holds back
-
-
-def test_a_finished_visit_counts_whichever_query_returned_it(config):
-    # Widened queries return an ended visit in the "current" answer too; it is judged by its times.
-    plan = make_plan(config, [visit("12282a", -26, -2)], [], set(), current_start=NOW)
-    assert [transfer.epn for transfer in plan.transfers] == ["12282a"] and plan.not_ended == []
-
-
-def test_only_visits_that_ended_within_visit_day_range_of_the_cut_off_are_candidates(config):
+def test_only_visits_that_end_within_visit_day_range_of_now_count(config):
     days = config.visit_day_range
     inside, outside = visit("12282a", -24 * days - 5, -24 * days + 1), visit("12283a", -24 * days - 5, -24 * days - 1)
-    plan = make_plan(config, [], [inside, outside], set(), current_start=NOW)
-    assert [transfer.epn for transfer in plan.transfers] == ["12282a"]
+    plan = make_plan(config, [inside, outside], set(), NOW)
+    assert [candidate.epn for candidate in plan.candidates] == ["12282a"]
 
 
-def test_a_visit_that_starts_later_makes_its_epn_wait(config):
-    plan = make_plan(config, [], [visit("12282a", -30, -20), visit("12282a", 20, 30)], set(), current_start=NOW)
-    assert plan.transfers == [] and plan.not_ended == ["12282a"]
+def test_a_booked_visit_makes_its_epn_a_candidate_not_ended(config):
+    plan = make_plan(config, [visit("12282a", -30, -20), visit("12282a", 20, 30)], set(), NOW)
+    assert [candidate.epn for candidate in plan.candidates] == ["12282a"] and plan.not_ended == ["12282a"]
 
 
 @pytest.fixture
@@ -136,36 +119,44 @@ def test_a_portal_that_misreads_query_times_by_a_zone_still_gives_the_right_plan
     portal.add_visit(23, "12282a", hours(-40), hours(-30))  # an earlier beamtime of an EPN ...
     portal.add_visit(23, "12282a", hours(-5), hours(3))  # ... whose second one is being collected now
     portal.add_visit(23, "12283a", hours(-50), hours(-40))  # done
-    portal.add_visit(23, "12283b", hours(-4), hours(-2))  # ended after the running visit started: waits
+    portal.add_visit(23, "12283b", hours(-4), hours(-2))  # ended after the running visit started: its own life
     config = portal_config(tmp_path, portal, **{"portal-time-format": time_format})
 
-    current, previous, suspicious, errors, current_start = fetch_visits(config, PortalClient(config), now)
-    plan = make_plan(config, current, previous, set(), current_start, suspicious)
+    visits, suspicious, errors = fetch_visits(config, PortalClient(config), now)
+    plan = make_plan(config, visits, set(), now, suspicious)
 
-    assert errors == [] and current_start == hours(-5)
-    assert [transfer.epn for transfer in plan.transfers] == ["12283a"]
-    assert plan.not_ended == ["12282a", "12283b"]
+    assert errors == []
+    assert {candidate.epn: len(candidate.visits) for candidate in plan.candidates} == {
+        "12282a": 2,
+        "12283a": 1,
+        "12283b": 1,
+    }
+    assert plan.not_ended == ["12282a"]
 
 
 def test_queries_send_local_time_without_offset_by_default(tmp_path, portal):
     portal.add_equipment(23)
     config = portal_config(tmp_path, portal)
     now = datetime.now(timezone.utc)
-    assert fetch_visits(config, PortalClient(config), now)[3] == []
+    assert fetch_visits(config, PortalClient(config), now)[2] == []
     sent = [query for method, path, query in portal.requests_log if path.endswith("/visits")]
-    assert len(sent) == 2
+    assert len(sent) == 1
     for query in sent:
         for name in ("start_time", "end_time"):
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}", query[name]), query
     first = {name: datetime.fromisoformat(sent[0][name]).astimezone() for name in ("start_time", "end_time")}
-    assert first == {"start_time": now - timedelta(days=1), "end_time": now + timedelta(hours=25)}
+    # visit-day-range back and a week of bookings ahead, a day of margin each way
+    assert first == {
+        "start_time": now - timedelta(days=config.visit_day_range + 1),
+        "end_time": now + timedelta(days=8),
+    }
 
 
 def test_synced_unmapped_and_destination(config, tmp_path):
     previous = [visit("12282a", -30, -20), visit("12283a", -30, -20), visit("99999a", -30, -20)]
-    plan = make_plan(config, [], previous, {"12283a"}, current_start=NOW)
+    plan = make_plan(config, previous, {"12283a"}, NOW)
     assert plan.synced == ["12283a"] and plan.unmapped == ["99999a"]
-    (transfer,) = plan.transfers
+    (transfer,) = plan.candidates
     assert transfer.source == "/data/mx/12282a"
     assert str(transfer.destination) == str((tmp_path / "dest").resolve() / "ny79" / "12282a" / "data")
 
@@ -174,8 +165,8 @@ def test_symlinked_project_leading_outside_root_is_refused(config, tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (tmp_path / "dest" / "ny79").symlink_to(outside)
-    plan = make_plan(config, [], [visit("12282a", -30, -20)], set(), current_start=NOW)
-    assert plan.transfers == [] and plan.refused == ["12282a"]
+    plan = make_plan(config, [visit("12282a", -30, -20)], set(), NOW)
+    assert plan.candidates == [] and plan.refused == ["12282a"]
 
 
 def test_itemised_lines_are_parsed_with_escapes():

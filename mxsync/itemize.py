@@ -163,10 +163,12 @@ def verify_destination(result, destination):
 
 
 def _symlink_on_the_way(destination):
-    """Return the first symlink on the path to `destination`, or None (its root was resolved when it was planned)."""
-    if os.path.realpath(destination) == os.path.abspath(destination):
-        return None
-    for path in [*reversed(destination.parents), destination]:
+    """Return the EPN folder or data/ if one is a symlink, else None.
+
+    Above them, the project folder may be a symlink that resolves inside the root (mxsync.destination checked it
+    when the EPN was planned); below them, every folder is checked file by file.
+    """
+    for path in (destination.parent, destination):
         if os.path.islink(path):
             return path
     return None

@@ -601,3 +601,13 @@ def test_the_start_check_writes_nothing_into_the_root(tmp_path):
     check_destination_root(config)
     assert list(config.destination_root.iterdir()) == []
     assert config.destination_root.stat().st_mtime_ns == 0  # not even a temporary file came and went
+
+
+def test_verification_accepts_a_project_folder_symlinked_inside_the_root(tmp_path):
+    """Only whoever manages the root can link a project folder (checked when planned); below it, nothing is followed."""
+    data = tmp_path / "real-ny79" / "12282a" / "data"
+    data.mkdir(parents=True)
+    (data / "b.cbf").write_bytes(b"123")
+    (tmp_path / "ny79").symlink_to(tmp_path / "real-ny79")
+    result = TransferResult("12282a", files=FileList([("b.cbf", 3)]))
+    assert verify_destination(result, tmp_path / "ny79" / "12282a" / "data") == []

@@ -16,6 +16,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+from mxsync.catalogue import VisitCatalogue
 from mxsync.cli_support import apply_logging, load_and_log
 from mxsync.config import load_config
 from mxsync.errors import ConfigError
@@ -116,11 +117,18 @@ def run_service(config_path, execute, once, verbose=False):
         "mxsync started (%s), config %s", "executing" if execute else "dry run, nothing is recorded", config.path
     )
     settings = Settings(config, execute, verbose)
+    catalogue = VisitCatalogue()
     outcome, reason = None, "finished"
     try:
         while True:
             outcome = run_cycle(
-                settings.config, execute, signals.stop, notifier, settings.pop_problem(), retry_now=once
+                settings.config,
+                execute,
+                signals.stop,
+                notifier,
+                settings.pop_problem(),
+                retry_now=once,
+                catalogue=catalogue,
             )
             if once or signals.stop.is_set():
                 break
@@ -255,7 +263,7 @@ def _logging_settings(config):
     return (config.log_level, config.log_files, config.log_max_bytes, config.log_backup_count, config.secrets())
 
 
-def run_cycle(config, execute, stop, notifier, config_problem=None, retry_now=False):
+def run_cycle(config, execute, stop, notifier, config_problem=None, retry_now=False, catalogue=None):
     """Run one SyncCycle with fresh clients, reporting progress; return its CycleOutcome.
 
     `retry_now` (a run by hand, --once) tries failed and waiting EPNs now rather than after their retry delay."""
@@ -273,6 +281,7 @@ def run_cycle(config, execute, stop, notifier, config_problem=None, retry_now=Fa
         stop,
         activity,
         retry_now=retry_now,
+        catalogue=catalogue,
     )
     reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
     reporter.start()

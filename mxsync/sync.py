@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from mxsync import alerts
+from mxsync.catalogue import VisitCatalogue
 from mxsync.destination import check_destination_root, writable_destination
 from mxsync.errors import (
     DestinationError,
@@ -26,7 +27,7 @@ from mxsync.errors import (
 )
 from mxsync.itemize import verify_destination
 from mxsync.lifecycle import EpnFacts, PassKind, Timing, assess, describe
-from mxsync.plan import fetch_visits, make_plan, summarise
+from mxsync.plan import make_plan, summarise
 from mxsync.scheduler import schedule
 
 logger = logging.getLogger("mxsync.sync")
@@ -134,7 +135,9 @@ class Activity:
 class SyncCycle:
     """Runs one cycle against the given runner, record and history; `stop` ends it early."""
 
-    def __init__(self, config, portal, runner, ignore, history, execute, stop, activity=None, retry_now=False):
+    def __init__(
+        self, config, portal, runner, ignore, history, execute, stop, activity=None, retry_now=False, catalogue=None
+    ):
         self.config = config
         self.portal = portal
         self.runner = runner
@@ -144,6 +147,7 @@ class SyncCycle:
         self.stop = stop
         self.activity = activity or Activity()
         self.outcome = CycleOutcome()
+        self.catalogue = catalogue or VisitCatalogue()  # a service keeps one, so visits outlive a cycle
         self.retry_now = retry_now  # a run by hand: failed and waiting EPNs are tried now, not after a delay
         self.figures = {}  # EPN -> its verified transfer's figures, for the record's log line
         self._poll = None  # when the portal was asked this cycle
@@ -178,9 +182,30 @@ class SyncCycle:
         return synced
 
     def _plan(self, synced):
-        self.activity.phase = "asking the portal for visits"
+        """Return the Plan from the remembered visits if they suffice (no final pass due), else from a fresh poll."""
         now = datetime.now(timezone.utc)
-        visits, suspicious, errors = fetch_visits(self.config, self.portal, now)
+        answer = self.catalogue.remembered(self.config, now)
+        if answer is not None:
+            plan = make_plan(self.config, answer.visits, synced, now, answer.suspicious)
+            if not self._final_pass_due(plan, now):
+                logger.info(
+                    "Plan from the portal's answer of %s (asked again by %s or before a final pass): %s",
+                    answer.at.isoformat(timespec="minutes"),
+                    (answer.at + timedelta(hours=self.config.sync_frequency_hours)).isoformat(timespec="minutes"),
+                    summarise(plan),
+                )
+                self._poll = answer.at
+                return plan
+        return self._poll_portal(synced, now)
+
+    def _final_pass_due(self, plan, now):
+        return any(entry.next_pass is PassKind.FINAL and entry.due <= now for entry in self._assess(plan, now))
+
+    def _poll_portal(self, synced, now):
+        self.activity.phase = "asking the portal for visits"
+        answer = self.catalogue.poll(self.config, self.portal, now)
+        self._poll = now
+        visits, suspicious, errors = answer.visits, answer.suspicious, answer.errors
         for error in errors:
             logger.error("%s", error)
         self.history.source_result("portal", "; ".join(errors) if errors else None)
@@ -210,7 +235,7 @@ class SyncCycle:
         for entry in entries:
             # A dry run is for looking: every EPN's place in its lifecycle; a service logs it at DEBUG.
             logger.log(logging.DEBUG if self.execute else logging.INFO, "%s", describe(entry, now))
-        due = schedule(entries, now, self.config.sync_frequency_hours, max(1, len(entries)), last_poll=now)
+        due = schedule(entries, now, self.config.sync_frequency_hours, max(1, len(entries)), last_poll=self._poll)
         counts = {}
         for entry in entries:
             counts[entry.state.value] = counts.get(entry.state.value, 0) + 1
@@ -227,7 +252,6 @@ class SyncCycle:
             if self.execute:
                 self._record(epn, "verified by an earlier pass")
         self.outcome.planned = len(due.passes)
-        self._poll = now
         return [Pass(candidates[item.epn], PassPolicy(item.kind, self.execute)) for item in due.passes]
 
     def _assess(self, plan, now):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mxsync.catalogue import VisitCatalogue
 from mxsync.config import load_config
 from mxsync.errors import StateFileError
 from mxsync.history import History
@@ -64,7 +65,7 @@ class BrokenRecord(IgnoreFile):
         raise StateFileError(f"{self.path}: No space left on device")
 
 
-def cycle(tmp_path, portal, runner, execute=True, ignore_class=IgnoreFile, **config_keys):
+def cycle(tmp_path, portal, runner, execute=True, ignore_class=IgnoreFile, catalogue=None, **config_keys):
     config = load_config(write_config(tmp_path, **config_keys), check_files=False)
     history = History(config.state_dir, read_only=not execute)
     return SyncCycle(
@@ -75,6 +76,7 @@ def cycle(tmp_path, portal, runner, execute=True, ignore_class=IgnoreFile, **con
         history,
         execute=execute,
         stop=threading.Event(),
+        catalogue=catalogue,
     ), config
 
 
@@ -163,3 +165,42 @@ def test_the_service_sleeps_until_the_next_event(tmp_path, wake_in, expected):
     config = load_config(write_config(tmp_path), check_files=False)
     outcome = CycleOutcome(next_wake=None if wake_in is None else NOW + wake_in)
     assert next_pause(config, outcome, NOW) == pytest.approx(expected)
+
+
+class CountingPortal(Portal):
+    def __init__(self, *visits):
+        super().__init__(*visits)
+        self.asked = 0
+
+    def visits(self, equipment, start, end):
+        self.asked += 1
+        return super().visits(equipment, start, end)
+
+
+def test_live_passes_use_the_remembered_visits_and_a_final_pass_asks_the_portal_again(tmp_path):
+    runner, catalogue = Runner(), VisitCatalogue()
+    portal = CountingPortal(("12282a", hours(-2), hours(6)))
+    running, config = cycle(tmp_path, portal, runner, catalogue=catalogue)
+    assert running.run().live == ["12282a"] and portal.asked == 1
+
+    portal.visits_ = [Visit("12282a", hours(-3), hours(-0.5), 23, "mx", None, ())]  # the visit ended meanwhile
+    cached = catalogue.remembered(config, datetime.now(timezone.utc))
+    assert cached is not None and cached.visits[0].end == hours(6)  # what the service still believes
+    believed, config = cycle(tmp_path, portal, runner, catalogue=catalogue, **{"settle-minutes": 0})
+    outcome = believed.run()  # believed running: no final pass seems due, so no portal call
+    assert portal.asked == 1 and outcome.synced == [] and "12282a" not in recorded(config)
+
+    # A new service (or the next poll, sync-frequency-hours on) asks the portal; the final pass records it.
+    fresh, config = cycle(tmp_path, portal, runner, catalogue=VisitCatalogue(), **{"settle-minutes": 0})
+    assert fresh.run().synced == ["12282a"] and portal.asked == 2
+
+
+def test_a_final_pass_due_on_remembered_visits_asks_the_portal_first(tmp_path):
+    runner, catalogue = Runner(), VisitCatalogue()
+    portal = CountingPortal(("12282a", hours(-3), hours(-0.5)))
+    settling, config = cycle(tmp_path, portal, runner, catalogue=catalogue, **{"settle-minutes": 60})
+    assert settling.run().live == ["12282a"] and portal.asked == 1
+    portal.visits_ = [Visit("12282a", hours(-3), hours(5), 23, "mx", None, ())]  # extended: it runs again
+    settled, config = cycle(tmp_path, portal, runner, catalogue=catalogue, **{"settle-minutes": 20})
+    outcome = settled.run()  # the remembered end says "final pass due": the portal is asked, and says otherwise
+    assert portal.asked == 2 and outcome.synced == [] and "12282a" not in recorded(config)

@@ -13,11 +13,11 @@ from mxsync.errors import PortalError, StateFileError
 from mxsync.history import LOCK_FILE_NAME, History
 from mxsync.lifecycle import EpnFacts, Timing, assess, describe
 from mxsync.names import epn_number
+from mxsync.pipeline import human_bytes
 from mxsync.plan import fetch_visits, make_plan
 from mxsync.portal import PortalClient
 from mxsync.service import ACTIVITY_FILE_NAME
 from mxsync.state import IgnoreFile, InstanceLock
-from mxsync.sync import human_bytes
 
 # The lifecycle's states (mxsync.lifecycle), the ones that need a look first.
 STATES = (

@@ -1,65 +1,42 @@
-"""One sync cycle: ask the portal, place each EPN in its lifecycle, run the passes due, verify, record, alert.
+"""One sync cycle: ask the portal, place each EPN in its lifecycle, run the passes due, tell the listeners.
 
 A live pass copies what a running (or settling) visit has so far and records nothing; the final pass, once the
-visit has settled, is verified strictly, and only then is the EPN recorded in ignore.yml: rsync exited 0 and
-every file rsync listed for the source is at the destination at its size. One EPN's failure never stops the others.
+visit has settled, is verified strictly, and only then is the EPN recorded in ignore.yml (mxsync.pipeline).
+One EPN's failure never stops the others.
 """
 
 import logging
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
-from mxsync import alerts
 from mxsync.catalogue import VisitCatalogue
-from mxsync.destination import check_destination_root, writable_destination
-from mxsync.errors import (
-    DestinationError,
-    ProcessStartError,
-    RsyncError,
-    StateFileError,
-    TransferStopped,
-    UnsafeNameError,
+from mxsync.destination import check_destination_root
+from mxsync.errors import DestinationError, ProcessStartError, RsyncError, StateFileError, TransferStopped
+from mxsync.events import (
+    CycleFinished,
+    EpnFailed,
+    Events,
+    FailureAlerts,
+    HistoryListener,
+    PassEnded,
+    Recorded,
+    SourceChecked,
 )
-from mxsync.itemize import verify_destination
 from mxsync.lifecycle import EpnFacts, PassKind, Timing, assess, describe
+from mxsync.pipeline import EpnPipeline, Pass, PassPolicy, PipelineSettings, human_bytes
 from mxsync.plan import make_plan, summarise
 from mxsync.scheduler import schedule
 
 logger = logging.getLogger("mxsync.sync")
 
-# Sources whose failure staff hear about at once: nothing can move until they are fixed.
-IMMEDIATE_ALERTS = ("destination", "record", "config", "local")
-
-
-@dataclass(frozen=True)
-class PassPolicy:
-    """What one pass may do: a live pass records nothing and lets the source grow; a dry run writes nothing."""
-
-    kind: PassKind
-    writes: bool
-
-    @property
-    def final(self):
-        return self.kind is PassKind.FINAL
-
-    @property
-    def records(self):
-        return self.final and self.writes
-
-
-@dataclass(frozen=True)
-class Pass:
-    transfer: object  # mxsync.plan.PlannedTransfer
-    policy: PassPolicy
-
 
 @dataclass
 class CycleOutcome:
+    """The cycle's tally, kept as a listener of its events."""
+
     synced: list[str] = field(default_factory=list)
     live: list[str] = field(default_factory=list)  # EPNs copied by a live pass: data home, nothing recorded
     failed: dict[str, str] = field(default_factory=dict)
@@ -70,11 +47,32 @@ class CycleOutcome:
     record_unreadable: bool = False
     next_wake: object = None  # when a pass comes due next (a datetime), or None: the next poll
     wake_reason: str = ""
+    dry_run: bool = False  # a dry run's verified final pass counts as synced: it would be
 
     @property
     def ok(self):
         """True when everything planned was synced or is waiting for its data, and no source failed."""
         return not (self.failed or self.stopped or self.problems)
+
+    def hear(self, event):
+        if isinstance(event, PassEnded):
+            if event.outcome == "ok":
+                if event.kind == "live":
+                    self.live.append(event.epn)
+                elif self.dry_run:
+                    self.synced.append(event.epn)
+            elif event.outcome == "no-data":
+                self.waiting[event.epn] = event.message
+            elif event.outcome == "failed":
+                self.failed[event.epn] = event.message
+            elif event.outcome == "stopped":
+                self.stopped.append(event.epn)
+        elif isinstance(event, Recorded):
+            self.synced.append(event.epn)
+        elif isinstance(event, EpnFailed):
+            self.failed[event.epn] = event.message
+        elif isinstance(event, SourceChecked) and event.error is not None:
+            self.problems.append(event.summary or event.error)
 
     def summary(self):
         return {
@@ -133,7 +131,7 @@ class Activity:
 
 
 class SyncCycle:
-    """Runs one cycle against the given runner, record and history; `stop` ends it early."""
+    """Runs one cycle: record, plan, schedule, the passes due, and the events; `stop` ends it early."""
 
     def __init__(
         self, config, portal, runner, ignore, history, execute, stop, activity=None, retry_now=False, catalogue=None
@@ -146,25 +144,29 @@ class SyncCycle:
         self.execute = execute
         self.stop = stop
         self.activity = activity or Activity()
-        self.outcome = CycleOutcome()
+        self.outcome = CycleOutcome(dry_run=not execute)
+        # Dry run is a policy: nothing that writes listens to it.
+        listeners = [self.outcome, HistoryListener(history), FailureAlerts(config, history)] if execute else []
+        self.events = Events(*(listeners or [self.outcome]))
+        self.pipeline = EpnPipeline(
+            PipelineSettings.from_config(config), runner, ignore, self.events, self.activity, stop
+        )
         self.catalogue = catalogue or VisitCatalogue()  # a service keeps one, so visits outlive a cycle
         self.retry_now = retry_now  # a run by hand: failed and waiting EPNs are tried now, not after a delay
-        self.figures = {}  # EPN -> its verified transfer's figures, for the record's log line
-        self._poll = None  # when the portal was asked this cycle
+        self._poll = None  # when the portal's answer this cycle works from was given
 
     def run(self):
-        """Plan, transfer and record; return the CycleOutcome."""
+        """Plan, run the passes due, record; return the CycleOutcome."""
         synced = self._read_record()
         plan = self._plan(synced) if synced is not None else None
         passes = self._schedule(plan, synced) if plan is not None else []
         if passes and self._destination_ready() and self._host_reachable():
             try:
-                self._transfer_all(passes)
+                self._run_all(passes)
             finally:
                 self.runner.close()
             self._next_wake(plan)  # the passes just made moved their EPNs' next ones
-        if self.execute:
-            self._alert_and_save()
+        self.events.emit(CycleFinished(self.outcome))
         return self.outcome
 
     def _read_record(self):
@@ -174,11 +176,10 @@ class SyncCycle:
         except StateFileError as error:
             message = f"{error}; no transfer starts until it is fixed, and mxsync retries by itself"
             logger.error("%s", message)
-            self.history.source_result("record", message)
-            self.outcome.problems.append(str(error))
+            self.events.emit(SourceChecked("record", message))
             self.outcome.record_unreadable = True
             return None
-        self.history.source_result("record")
+        self.events.emit(SourceChecked("record"))
         return synced
 
     def _plan(self, synced):
@@ -205,23 +206,26 @@ class SyncCycle:
         self.activity.phase = "asking the portal for visits"
         answer = self.catalogue.poll(self.config, self.portal, now)
         self._poll = now
-        visits, suspicious, errors = answer.visits, answer.suspicious, answer.errors
-        for error in errors:
+        for error in answer.errors:
             logger.error("%s", error)
-        self.history.source_result("portal", "; ".join(errors) if errors else None)
-        if errors and len(errors) >= len(self.config.equipment):
-            self.outcome.problems.append("portal: " + errors[0])
+        if answer.errors and len(answer.errors) >= len(self.config.equipment):
+            self.events.emit(SourceChecked("portal", "portal: " + answer.errors[0]))
             return None
-        if errors:
-            self.outcome.problems.append(f"portal: {len(errors)} request(s) failed; those visits were skipped")
-        plan = make_plan(self.config, visits, synced, now, suspicious)
+        if answer.errors:  # the cycle goes on with the visits it has
+            summary = f"portal: {len(answer.errors)} request(s) failed; those visits were skipped"
+            self.events.emit(SourceChecked("portal", "; ".join(answer.errors), summary))
+        else:
+            self.events.emit(SourceChecked("portal"))
+        plan = make_plan(self.config, answer.visits, synced, now, answer.suspicious)
         logger.info("Plan: %s", summarise(plan))
         for epn in plan.unmapped:
             logger.info("%s: its number is not in epn_cap_map; not synced (epnalert reports it)", epn)
         for record in plan.suspicious:
             logger.warning("Suspicious record from %s: %s (%s)", record.source, record.name, record.reason)
         for epn in plan.refused:
-            self._failed(epn, f"refused: {plan.refusals.get(epn, 'unsafe destination')}")
+            message = f"refused: {plan.refusals.get(epn, 'unsafe destination')}"
+            logger.error("%s: FAILED: %s", epn, message)
+            self.events.emit(EpnFailed(epn, message))
         return plan
 
     def _schedule(self, plan, synced):
@@ -248,9 +252,9 @@ class SyncCycle:
             due.wake.at.isoformat(timespec="minutes"),
         )
         self.outcome.next_wake, self.outcome.wake_reason = due.wake.at, due.wake.reason.value
-        for epn in due.to_record:  # verified by an earlier final pass whose record could not be written
-            if self.execute:
-                self._record(epn, "verified by an earlier pass")
+        if self.execute:
+            for epn in due.to_record:  # verified by an earlier final pass whose record could not be written
+                self.pipeline.record(epn, "verified by an earlier pass")
         self.outcome.planned = len(due.passes)
         return [Pass(candidates[item.epn], PassPolicy(item.kind, self.execute)) for item in due.passes]
 
@@ -300,227 +304,20 @@ class SyncCycle:
             return False
         except ProcessStartError as error:  # rsync or ssh cannot run here: ours to fix, not the facility's
             logger.error("%s%s", error, consequence)
-            self.history.source_result("local", str(error))
-            self.outcome.problems.append(str(error))
+            self.events.emit(SourceChecked("local", str(error)))
             return False
         except (DestinationError, RsyncError) as error:
             logger.error("%s%s", error, consequence)
-            self.history.source_result(source, str(error))
-            self.outcome.problems.append(str(error))
+            self.events.emit(SourceChecked(source, str(error)))
             return False
-        self.history.source_result(source)
+        self.events.emit(SourceChecked(source))
         if source == "ssh":
-            self.history.source_result("local")
+            self.events.emit(SourceChecked("local"))
         return True
 
-    def _transfer_all(self, transfers):
+    def _run_all(self, passes):
         self.activity.phase = "transferring"
-        self.activity.total = len(transfers)
+        self.activity.total = len(passes)
         with ThreadPoolExecutor(max_workers=self.config.max_tasks, thread_name_prefix="rsync") as pool:
-            for _ in pool.map(self._transfer_one, transfers):
+            for _ in pool.map(self.pipeline.run, passes):
                 pass
-
-    def _transfer_one(self, item):
-        """Run one pass of one EPN; every outcome lands in self.outcome and the history, nothing is raised."""
-        epn = item.transfer.epn
-        if self.stop.is_set():
-            self.outcome.stopped.append(epn)
-            return
-        token = self.history.pass_started(epn, item.policy.kind.value) if item.policy.writes else None
-        outcome, error = self._run_pass(item.transfer, item.policy)
-        if token is not None:
-            self.history.pass_finished(token, outcome, error)
-        if outcome == "ok" and item.policy.records:  # verified, and remembered as such before the record
-            self._record(epn, "synced and verified")
-
-    def _run_pass(self, transfer, policy):
-        """Transfer, then verify and record (final pass) or report (live pass); return (outcome, error or None)."""
-        epn = transfer.epn
-        try:
-            waiting = self._waiting_for_data(transfer, policy)
-            if waiting is not None:
-                return waiting, self.outcome.failed.get(epn)
-            if policy.final:
-                logger.info("%s: started, %s -> %s", epn, transfer.source, transfer.destination)
-            else:
-                logger.info("%s: live pass started (its visit is not over), %s", epn, transfer.source)
-            if policy.records:
-                self.history.epn_started(epn)
-            self.activity.start(epn)
-            result = self._transfer_with_retries(transfer)
-            if not policy.final:
-                self._report_live(transfer, result)
-                return "ok", None
-            self._verify(transfer, result)
-        except TransferStopped:
-            logger.warning("%s: stopped before it finished; nothing recorded", epn)
-            self.outcome.stopped.append(epn)
-            if policy.records:
-                self.history.epn_finished(epn, stopped=True)
-            return "stopped", None
-        except UnsafeNameError as error:
-            return "failed", self._failed(epn, f"refused: {error}", policy)
-        except OSError as error:
-            return "failed", self._failed(
-                epn, f"cannot prepare {transfer.destination}: {error.strerror or error}", policy
-            )
-        except RsyncError as error:
-            if not policy.final and error.source_changed:
-                logger.info("%s: live pass done; files changed at the facility while it ran (expected): %s", epn, error)
-                self.outcome.live.append(epn)
-                return "ok", None
-            return "failed", self._failed(epn, str(error), policy)
-        except Exception as error:  # a bug of ours: this EPN fails, the others and the service go on
-            logger.exception("%s: unexpected error", epn)
-            return "failed", self._failed(
-                epn, f"unexpected error (a bug; the traceback is in the log): {error!r}", policy
-            )
-        finally:
-            self.activity.finish(epn)
-        return "ok", None
-
-    def _waiting_for_data(self, transfer, policy):
-        """Return None if the facility has data for the EPN; else the pass's outcome: "no-data", or "failed" once its
-        visit ended more than waiting-for-data-alert-hours ago (staff must look: the data may be elsewhere)."""
-        if _has_entries(transfer.destination):
-            return None  # a transfer began before, so the source had data
-        state = self.runner.probe_source(transfer.epn, transfer.source)
-        if state == "present":
-            return None
-        reason = "no folder at the facility yet" if state == "missing" else "its folder at the facility is empty"
-        ended = transfer.visit.end
-        overdue = (
-            policy.final
-            and ended is not None
-            and datetime.now(timezone.utc) - ended > timedelta(hours=self.config.waiting_for_data_alert_hours)
-        )
-        if overdue:
-            message = f"waiting for data: {reason}, although its visit ended at {ended:%Y-%m-%d %H:%M %Z}"
-            logger.warning("%s: %s", transfer.epn, message)
-            self.outcome.failed[transfer.epn] = message  # staff must look: the data may be somewhere else
-            if self.execute:
-                self.history.epn_finished(transfer.epn, error=message)
-            return "failed"
-        logger.info("%s: waiting for data: %s", transfer.epn, reason)
-        self.outcome.waiting[transfer.epn] = reason
-        if self.execute:
-            self.history.epn_waiting(transfer.epn, reason)
-        return "no-data"
-
-    def _failed(self, epn, message, policy=None):
-        """Log and count a failure; a live pass's failure is retried later but never alerted. Return the message."""
-        live = policy is not None and not policy.final
-        logger.log(
-            logging.WARNING if live else logging.ERROR, "%s: %sFAILED: %s", epn, "live pass " if live else "", message
-        )
-        self.outcome.failed[epn] = message
-        if self.execute and not live:
-            self.history.epn_finished(epn, error=message)
-        return message
-
-    def _transfer_with_retries(self, transfer):
-        attempts = self.config.rsync_retries + 1
-        for attempt in range(1, attempts + 1):
-            if self.execute:  # rsync writes into the open data folder, closed to the project's group meanwhile
-                folders = writable_destination(self.config, transfer.destination)
-            else:
-                folders = nullcontext(transfer.destination)
-            try:
-                with folders as destination:
-                    return self.runner.transfer(
-                        transfer.epn,
-                        transfer.source,
-                        destination,
-                        progress=lambda result: self.activity.update(
-                            transfer.epn, len(result.files), result.bytes_transferred
-                        ),
-                    )
-            except RsyncError as error:
-                if not error.transient or attempt == attempts or self.stop.is_set():
-                    raise
-                delay = self.config.rsync_retry_delay * 2 ** (attempt - 1)
-                logger.warning("%s: %s; retrying in %.0f s (%d/%d)", transfer.epn, error, delay, attempt, attempts - 1)
-                if self.stop.wait(delay):
-                    raise TransferStopped(f"{transfer.epn}: stopped while waiting to retry") from None
-        raise AssertionError("unreachable")
-
-    def _report_live(self, transfer, result):
-        logger.info("%s: live pass done, nothing recorded (its visit is not over): %s", transfer.epn, _figures(result))
-        self.outcome.live.append(transfer.epn)
-
-    def _verify(self, transfer, result):
-        """Raise RsyncError unless every file the source holds is at the destination at its size (a final pass)."""
-        epn = transfer.epn
-        figures = _figures(result)
-        for link in result.unsafe_links:
-            logger.warning("%s: symlink %s points outside the EPN; not copied", epn, link)
-        if not self.execute:
-            logger.info("%s: would sync: %s", epn, figures)
-            self.outcome.synced.append(epn)
-            return
-        if result.empty:
-            raise RsyncError("the source holds no files yet; not recorded, will try again next cycle")
-        problems = verify_destination(result, transfer.destination)
-        if problems:
-            raise RsyncError(
-                f"verification failed, {len(problems)} file(s) incomplete at the destination "
-                f"(first: {problems[0]}); not recorded"
-            )
-        # rsync's own list is from before the transfer: a file that grew while it was sent (processing still
-        # writing after the visit ended) arrives short yet matches it. So after a transfer that moved anything, a
-        # dry run against a fresh listing of the source must find nothing left to send. (A run that moved nothing
-        # was itself such a comparison.)
-        if result.files_transferred:
-            recheck = self.runner.transfer(epn, transfer.source, transfer.destination, dry_run=True)
-            problems = verify_destination(recheck, transfer.destination)
-            if problems or recheck.files_transferred:
-                raise RsyncError(
-                    "verification failed, the source changed during the transfer "
-                    f"({problems[0] if problems else f'{recheck.files_transferred} file(s) left to send'}); "
-                    "not recorded, the next cycle sends the rest"
-                )
-        self.figures[epn] = figures
-
-    def _record(self, epn, how):
-        """Add a verified EPN to ignore.yml; if that fails it stays verified, and the next cycle records it."""
-        try:
-            self.ignore.add([epn])
-        except StateFileError as error:
-            self._failed(epn, f"verified but not recorded: {error}")
-            return
-        self.history.recorded(epn)
-        self.history.epn_finished(epn)
-        self.outcome.synced.append(epn)
-        figures = self.figures.pop(epn, None)
-        logger.info("%s: %s, recorded in %s%s", epn, how, self.ignore.path.name, f": {figures}" if figures else "")
-
-    def _alert_and_save(self):
-        epns, sources = self.history.due_alerts(self.config.failure_alert_cycles, immediate=IMMEDIATE_ALERTS)
-        if (epns or sources) and alerts.send_failure_alert(self.config, epns, sources):
-            self.history.mark_alerted(epns, sources)
-        self.history.cycle_finished(self.outcome.summary())
-
-
-def _has_entries(folder):
-    """True if `folder` exists and holds anything (an empty one may be left by an older version)."""
-    try:
-        with os.scandir(folder) as entries:
-            return any(True for _ in entries)
-    except OSError:
-        return False
-
-
-def _figures(result):
-    rate = result.bytes_transferred / result.seconds if result.seconds else 0
-    return (
-        f"{len(result.files)} files, {len(result.links)} symlinks, {result.files_transferred} transferred, "
-        f"{human_bytes(result.bytes_transferred)} in {result.seconds:.1f} s ({human_bytes(rate)}/s)"
-    )
-
-
-def human_bytes(count):
-    """Given a byte count, return it with a binary unit, e.g. '1.5 GiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024

@@ -8,7 +8,6 @@ One EPN's failure never stops the others.
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
@@ -25,6 +24,7 @@ from mxsync.events import (
     Recorded,
     SourceChecked,
 )
+from mxsync.executor import LocalExecutor
 from mxsync.lifecycle import EpnFacts, PassKind, Timing, assess, describe
 from mxsync.pipeline import EpnPipeline, Pass, PassPolicy, PipelineSettings, human_bytes
 from mxsync.plan import make_plan, summarise
@@ -318,6 +318,6 @@ class SyncCycle:
     def _run_all(self, passes):
         self.activity.phase = "transferring"
         self.activity.total = len(passes)
-        with ThreadPoolExecutor(max_workers=self.config.max_tasks, thread_name_prefix="rsync") as pool:
-            for _ in pool.map(self.pipeline.run, passes):
-                pass
+        with LocalExecutor(self.config.max_tasks) as executor:
+            # A stop reaches the passes themselves: each not yet started ends as stopped, and says so.
+            executor.wait([executor.start(self.pipeline.run, item) for item in passes])

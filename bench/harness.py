@@ -347,7 +347,7 @@ def tree_bytes(path):
 
 def copy_tree_like_mxsync(source, destination):
     """Make `destination` what a completed mxsync transfer of `source` leaves (locally, no ssh)."""
-    from mxsync.rsync import BASE_OPTIONS
+    from mxsync.commands import BASE_OPTIONS
 
     destination.mkdir(parents=True, exist_ok=True)
     subprocess.run(

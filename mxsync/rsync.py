@@ -1,8 +1,7 @@
-"""rsync over ssh: the command lines, and running them through the process supervisor.
+"""rsync over ssh: running transfers, listings and the login probe, over the shared connection when there is one.
 
-Commands are argument lists built from validated config; processes are started, logged and
-stopped by mxsync.processes, connections shared by mxsync.connection, and output read by
-mxsync.itemize.
+Command lines come from mxsync.commands; processes are started, logged and stopped by mxsync.processes (which
+alone reads exit codes); connections are shared by mxsync.connection; output is read by mxsync.itemize.
 """
 
 import logging
@@ -10,36 +9,14 @@ import os
 import shutil
 import time
 
+from mxsync.commands import PROBE_FILTERS, Commands, CommandSettings, local
 from mxsync.connection import SharedConnection
-from mxsync.errors import ProcessStartError, RsyncError, TransferStopped
-from mxsync.itemize import OUT_FORMAT, TransferResult, record_item
+from mxsync.errors import ProcessStartError, TransferStopped
+from mxsync.itemize import TransferResult, record_item
 from mxsync.processes import rsync_failure, ssh_failure, supervisor
 
 logger = logging.getLogger("mxsync.rsync")
 
-# The old tool ran `-stats`, which rsync reads as -s -t -a: archive mode, so symlinks were copied as
-# symlinks. We copy them too, but refuse (and report) those that point outside the EPN.
-BASE_OPTIONS = (
-    "--recursive",
-    "--times",
-    "--size-only",
-    "--perms",
-    "--links",
-    "--safe-links",
-    # HPC ASSyncy's Dg+s,ug+w,o-wx,ug+X, except that folders stay closed to the group while rsync writes into
-    # them (mxsync.destination gives the group write access back afterwards): see writable_destination.
-    "--chmod=Dg+s,Du+w,Dg-w,Fug+w,o-wx,ug+X",
-    "--partial",
-    "--include=.info",
-    "--exclude=.*",
-    "--8-bit-output",
-    "--itemize-changes",
-    "--itemize-changes",
-    "--info=name1",  # with --safe-links: "ignoring unsafe symlink ...", which verification reports
-    f"--out-format={OUT_FORMAT}",
-)
-# What the source probe lists: the same files a transfer would consider.
-PROBE_FILTERS = ("--include=.info", "--exclude=.*")
 MISSING_SOURCE = "No such file or directory"
 
 
@@ -48,50 +25,19 @@ class RsyncRunner:
 
     def __init__(self, config, dry_run=False):
         self.config = config
+        self.commands = Commands(CommandSettings.from_config(config))
         self.dry_run = dry_run
         self.connection = None
 
-    # ------------------------------------------------------------ commands
+    # ------------------------------------------------------------ commands (tests and tools use these)
 
     def ssh_arguments(self, session_options=None):
-        """Return the ssh argument list rsync runs as its remote shell.
-
-        `session_options` reuse a shared connection; None means a connection of its own, which a user's
-        ssh_config must not turn into a background master that mxsync does not know about.
-        """
-        config = self.config
-        arguments = ["ssh", "-p", str(config.port), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"]
-        if config.known_hosts is not None:
-            arguments += ["-o", f"UserKnownHostsFile={config.known_hosts}"]
-        if config.key_file is not None:
-            arguments += ["-i", str(config.key_file), "-o", "IdentitiesOnly=yes"]
-        arguments += ["-o", f"ConnectTimeout={int(config.ssh_connect_timeout)}"]
-        if config.ssh_keepalive_interval:
-            arguments += ["-o", f"ServerAliveInterval={config.ssh_keepalive_interval}", "-o", "ServerAliveCountMax=3"]
-        if config.ssh_cipher:
-            arguments += ["-c", config.ssh_cipher]
-        if session_options is None:
-            return arguments + ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-        return arguments + list(session_options)
+        return self.commands.ssh(session_options)
 
     def rsync_arguments(self, source, destination, dry_run=None, session_options=None):
-        """Given a remote source directory and a local destination (a path, or an open folder's descriptor), return
-        the rsync argument list."""
-        dry_run = self.dry_run if dry_run is None else dry_run
-        arguments = ["rsync", *BASE_OPTIONS]
-        if self.config.rsync_io_timeout:
-            arguments.append(f"--timeout={self.config.rsync_io_timeout}")
-        if self.config.rsync_bwlimit:
-            arguments.append(f"--bwlimit={self.config.rsync_bwlimit}")
-        if dry_run:
-            arguments.append("--dry-run")
-        arguments += list(self.config.rsync_options)
-        arguments += ["--rsh", rsh_string(self.ssh_arguments(session_options))]
-        arguments += [self._remote(source), _local(destination)]
-        return arguments
-
-    def _remote(self, source):
-        return f"{self.config.ssh_target}:{source.rstrip('/')}/"
+        return self.commands.transfer(
+            source, destination, self.dry_run if dry_run is None else dry_run, session_options
+        )
 
     # ------------------------------------------------------------ connection
 
@@ -143,13 +89,7 @@ class RsyncRunner:
         """List the top of a remote directory with rsync over ssh (for `mxsync check`); return a summary."""
         entries = []
         finished = self._run_rsync(
-            lambda options: [
-                "rsync",
-                "--list-only",
-                "--rsh",
-                rsh_string(self.ssh_arguments(options)),
-                self._remote(source),
-            ],
+            lambda options: self.commands.listing(source, session_options=options),
             f"listing {source}",
             entries.append,
         )
@@ -168,15 +108,7 @@ class RsyncRunner:
             return False
 
         finished = self._run_rsync(
-            lambda options: [
-                "rsync",
-                "--list-only",
-                "--recursive",
-                *PROBE_FILTERS,
-                "--rsh",
-                rsh_string(self.ssh_arguments(options)),
-                self._remote(source),
-            ],
+            lambda options: self.commands.listing(source, True, PROBE_FILTERS, options),
             f"{epn}: looking for data",
             first_entry,
         )
@@ -193,13 +125,7 @@ class RsyncRunner:
         """Raise RsyncError if the folder holding the EPN folders is itself missing: the facility's problem."""
         parent = source.rstrip("/").rpartition("/")[0] or "/"
         finished = self._run_rsync(
-            lambda options: [
-                "rsync",
-                "--list-only",
-                "--rsh",
-                rsh_string(self.ssh_arguments(options)),
-                f"{self.config.ssh_target}:{parent}/.",
-            ],
+            lambda options: self.commands.listing(parent, session_options=options),
             f"listing {parent}",
             lambda _line: True,  # one entry is proof enough
         )
@@ -249,14 +175,6 @@ class RsyncRunner:
         return finished
 
 
-def _local(destination):
-    # An open folder (mxsync.destination.writable_destination) is named through the descriptor rsync inherits: rsync
-    # writes into that folder whatever its path has been made to lead to since.
-    if isinstance(destination, int):
-        return f"/proc/self/fd/{destination}/"
-    return f"{str(destination).rstrip('/')}/"
-
-
 def _name_open_folder(finished, destination):
     """rsync's messages name an open folder /proc/self/fd/N/...: put the folder's path there, for the operator."""
     if isinstance(destination, int):
@@ -264,18 +182,6 @@ def _name_open_folder(finished, destination):
             path = os.readlink(f"/proc/self/fd/{destination}")
         except OSError:
             return finished
-        descriptor = _local(destination)
+        descriptor = local(destination)
         finished.stderr_tail = [line.replace(descriptor, f"{path}/") for line in finished.stderr_tail]
     return finished
-
-
-def rsh_string(arguments):
-    """Join ssh arguments for rsync's --rsh, which splits on spaces and honours quotes (it is not a shell)."""
-    quoted = []
-    for argument in arguments:
-        if "'" in argument or "\n" in argument:
-            raise RsyncError(
-                f"cannot pass {argument!r} to rsync's remote shell: quotes and newlines are not allowed in paths"
-            )
-        quoted.append(f"'{argument}'" if (" " in argument or '"' in argument) else argument)
-    return " ".join(quoted)

@@ -280,7 +280,7 @@ def outside_destination(facility):
 def unexpected_rsync_arguments(command, ssh_target, source_root, destination_root, epns):
     """Given one rsync argument list from the log, return what in it is not the options mxsync sets, the
     ssh command, `ssh_target:source_root/EPN/` and `destination_root/<project>/EPN/data/` for one of `epns`."""
-    from mxsync.rsync import BASE_OPTIONS
+    from mxsync.commands import BASE_OPTIONS
 
     problems = []
     if command[:1] != ["rsync"] or len(command) < 4:

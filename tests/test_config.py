@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mxsync.commands import BASE_OPTIONS
 from mxsync.config import LIVE_INTERVAL_MINUTES, SETTLE_MINUTES, load_config
 from mxsync.errors import ConfigError
 from mxsync.itemize import TransferResult, record_item
-from mxsync.rsync import BASE_OPTIONS
 
 LEGACY = Path(__file__).parent / "data" / "legacy-config.yml"
 MXSYNC = Path(sys.executable).parent / "mxsync"

@@ -7,11 +7,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
+from mxsync.commands import rsh_string
 from mxsync.config import load_config
 from mxsync.itemize import TransferResult, record_item, verify_destination
 from mxsync.plan import LONGEST_VISIT, fetch_visits, make_plan, visit_end
 from mxsync.portal import PortalClient, Visit, format_portal_time
-from mxsync.rsync import rsh_string
 from tests.facility.portal import DEFAULT_CREDENTIALS
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)

@@ -1,7 +1,7 @@
 """Benchmark mxsync and epnalert against the simulated facility and print each figure against its target.
 
 Usage (from the repository root):
-    .venv/bin/python -m bench.run                 # every figure, issue-sized data (about 18 minutes on 2 cores)
+    .venv/bin/python -m bench.run                 # every figure, issue-sized data (about 31 minutes on 2 cores, 13 of them 7a-7c)
     .venv/bin/python -m bench.run --quick         # smaller data, a smoke run of a couple of minutes
     .venv/bin/python -m bench.run --only 1 4b     # some figures only
 Results go to bench/results/<time>.json and bench/results/latest.json. Exit status 0 if every

@@ -1,15 +1,21 @@
-"""The six figures of issue 7 (and the cipher comparison), each measured side by side in one run.
+"""The six figures of issue 7 (and the cipher comparison) and issue 11's lifecycle figures (7a-7c).
 
 Every figure function takes (bench, sizes) and returns a dict with at least: id, title, value,
 unit, target (text), passed (bool or None when it cannot be judged), runs (per-run figures) and
 details. Pairs are run alternately (A B, B A, A B ...) so that drift in the machine's load
-affects both sides alike; the figure is the median of the per-pair ratios.
+affects both sides alike; the figure is the median of the per-pair ratios. The lifecycle figures
+run the service itself and time events at the facility against the targets; their baseline (HPC
+ASSyncy, which copies nothing during a visit) is described in their details, not run.
 """
 
 import json
+import random
 import re
 import subprocess
-from datetime import datetime
+import time
+from datetime import datetime, timedelta, timezone
+
+import yaml
 
 from bench.harness import (
     ENDED,
@@ -17,10 +23,14 @@ from bench.harness import (
     PYTHON,
     BenchError,
     Heartbeat,
+    LogTail,
     Scene,
+    Service,
     copy_tree_like_mxsync,
+    log_moment,
     median,
     parallel,
+    percentile,
     plain_rsync_loop,
     run_measured,
     run_mxsync,
@@ -39,6 +49,9 @@ SIZES = {
         "noop_history": dict(epns=50, history=5000, max_tasks=2, runs=5),
         "epnalert": dict(folders=10000, visits=10000, unknown_fraction=0.1),
         "memory": dict(big_files=20000, small_files=200, file_size=4096, max_tasks=2),
+        "live_latency": dict(files=16, span_s=480, frame_size=4 * MIB, give_up_s=600),
+        "settle_record": dict(lead_s=20, frames=2, give_up_s=600, max_runs=None),
+        "noop_known": dict(epns=10000),
     },
     "quick": {
         "throughput": dict(epns=4, frames=10, frame_size=6 * 1000 * 1000, small_files=100, max_tasks=2, runs=3),
@@ -50,6 +63,9 @@ SIZES = {
         "noop_history": dict(epns=20, history=5000, max_tasks=2, runs=3),
         "epnalert": dict(folders=2000, visits=2000, unknown_fraction=0.1),
         "memory": dict(big_files=5000, small_files=200, file_size=4096, max_tasks=2),
+        "live_latency": dict(files=5, span_s=150, frame_size=MIB, give_up_s=300),
+        "settle_record": dict(lead_s=15, frames=2, give_up_s=300, max_runs=1),
+        "noop_known": dict(epns=2000),
     },
 }
 
@@ -755,6 +771,338 @@ def fig_memory(bench, sizes):
     )
 
 
+# ---------------------------------------------------------------- 7. the lifecycle (issue 11)
+
+BASELINE_NOTE = (
+    "HPC ASSyncy copies an EPN only after its visit has ended, at its next run (every sync-frequency-hours), "
+    "so its latency for a file written during a visit is the rest of the visit plus up to sync-frequency-hours; "
+    "not run here"
+)
+# How often the benchmark looks at the destination and at ignore.yml.
+POLL_SECONDS = 0.2
+
+
+def recorded_epns(scene):
+    """The EPNs in ignore.yml now (empty while it is missing, or caught half-written)."""
+    try:
+        document = yaml.safe_load(scene.ignore_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    return set(document.get("previouslySynched") or [])
+
+
+def home_of(scene, epn, cap_map):
+    """Where mxsync puts an EPN's files at the destination."""
+    return scene.facility.destination / cap_map[epn.rstrip("abcdefghijklmnopqrstuvwxyz")] / epn / "data"
+
+
+def has_arrived(path, size):
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def wait_for(condition, timeout, service, what):
+    """Poll `condition` until it holds; BenchError if the service dies or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        service.check_running()
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(POLL_SECONDS)
+
+
+def sleep_until(moment, service):
+    """Sleep until the aware datetime `moment`, checking that the service still runs."""
+    while True:
+        service.check_running()
+        remaining = (moment - datetime.now(timezone.utc)).total_seconds()
+        if remaining <= 0:
+            return
+        time.sleep(min(remaining, 1.0))
+
+
+def fig_live_latency(bench, sizes):
+    """Live mode: a file written at the facility during a visit to its arrival at home, the service running."""
+    size = sizes["live_latency"]
+    epn = epn_name(0)
+    cap_map = cap_map_for([epn])
+    now = datetime.now(timezone.utc)
+    with Scene(bench.workdir, "live-latency") as scene:
+        experiment = scene.facility.add_experiment(
+            "mx", epn, equipment_id=23, frames=2, start=now - timedelta(hours=1), end=now + timedelta(hours=12)
+        )
+        scene.write_config(epn_cap_map=cap_map, live_interval_minutes=1)
+        frames_home = home_of(scene, epn, cap_map) / "frames"
+        first_frame = next(iter(sorted((experiment / "frames").glob("*.cbf"))))
+        # Random moments, the same in every run of the benchmark; where they fall among the passes is not.
+        generator = random.Random(11)
+        offsets = sorted(generator.uniform(0, size["span_s"]) for _ in range(size["files"]))
+        log = LogTail(scene.facility.workdir / "log" / "sync.log")
+        written, runs = {}, []
+        with Service(scene) as service:
+            # The service's first live pass brings the visit's first frames home; measure from then on.
+            wait_for(
+                lambda: has_arrived(frames_home / first_frame.name, first_frame.stat().st_size),
+                300,
+                service,
+                "the first live pass",
+            )
+            started = time.monotonic()
+            bench.progress(f"first live pass done; writing {len(offsets)} files over {size['span_s'] / 60:.0f} min")
+            upcoming = list(enumerate(offsets))
+            with Heartbeat():
+                while upcoming or written:
+                    service.check_running()
+                    moment = time.monotonic()
+                    if upcoming and moment - started >= upcoming[0][1]:
+                        index, offset = upcoming.pop(0)
+                        name = f"{epn}_live_{index + 1:04d}.cbf"
+                        data = generator.randbytes(size["frame_size"])
+                        (experiment / "frames" / name).write_bytes(data)
+                        written[name] = (len(data), time.monotonic(), offset)
+                    for name, (length, at, offset) in list(written.items()):
+                        waited = time.monotonic() - at
+                        if has_arrived(frames_home / name, length):
+                            runs.append(dict(file=name, written_at_s=round(offset, 1), latency_s=waited))
+                            del written[name]
+                        elif waited > size["give_up_s"]:
+                            runs.append(dict(file=name, written_at_s=round(offset, 1), latency_s=None))
+                            del written[name]
+                    time.sleep(POLL_SECONDS)
+            recorded_during_visit = epn in recorded_epns(scene)
+            service_figures = service.stop()
+        text = log.read()
+    latencies = [run["latency_s"] for run in runs if run["latency_s"] is not None]
+    missing = [run["file"] for run in runs if run["latency_s"] is None]
+    value, p95 = median(latencies), percentile(latencies, 0.95)
+    for run in runs:
+        bench.progress(
+            f"{run['file']} written at +{run['written_at_s']:.0f} s: "
+            + ("never arrived" if run["latency_s"] is None else f"home after {run['latency_s']:.1f} s")
+        )
+    details = dict(
+        size,
+        median_s=value,
+        p95_s=p95,
+        max_s=max(latencies) if latencies else None,
+        missing=missing,
+        live_passes=text.count(f"{epn}: live pass started"),
+        recorded_during_visit=recorded_during_visit,
+        service_cpu_s=service_figures.get("self_cpu_s"),
+        service_children_cpu_s=service_figures.get("children_cpu_s"),
+        service_rss_mib=service_figures.get("self_maxrss_kib", 0) / 1024,
+        service_seconds=service_figures["seconds"],
+        baseline=BASELINE_NOTE,
+        method="one service (mxsync --config C --execute), live-interval-minutes 1, a visit running; each file "
+        "written at a random moment; latency from its last byte written at the facility to the destination "
+        f"file at full size (looked at every {POLL_SECONDS} s)",
+    )
+    return dict(
+        id="7a",
+        title=f"Live mode, live-interval-minutes 1: file at the facility -> home, median (p95) of {len(runs)} files",
+        value=value,
+        unit="s",
+        value2=p95,
+        value2_unit="s p95",
+        target="median and p95 < 120 s",
+        passed=bool(latencies) and not missing and not recorded_during_visit and value < 120 and p95 < 120,
+        runs=runs,
+        details=details,
+    )
+
+
+RECORD_LINE = re.compile(r" - mxsync\.\w+ - \w+:\d+: (\d+[a-z]+): (started,|synced and verified, recorded in)")
+
+
+def fig_settle_record(bench, sizes):
+    """Visit end + settle-minutes to the EPN recorded in ignore.yml, the service running."""
+    size = sizes["settle_record"]
+    count = bench.runs if size["max_runs"] is None else min(bench.runs, size["max_runs"])
+    epns = [epn_name(index) for index in range(count)]
+    cap_map = cap_map_for(epns)
+    settle = timedelta(minutes=1)
+    runs = []
+    with Scene(bench.workdir, "settle-record") as scene:
+        scene.write_config(epn_cap_map=cap_map, settle_minutes=1)
+        log = LogTail(scene.facility.workdir / "log" / "sync.log")
+        for index, epn in enumerate(epns):
+            now = datetime.now(timezone.utc)
+            end = now + timedelta(seconds=size["lead_s"])
+            deadline = end + settle
+            experiment = scene.facility.add_experiment(
+                "mx", epn, equipment_id=23, frames=size["frames"], start=now - timedelta(hours=1), end=end
+            )
+            with Service(scene) as service:
+                # Auto-processing writes after collection, while the visit settles: the record must include it.
+                sleep_until(end + timedelta(seconds=10), service)
+                processing = experiment / "processing"
+                processing.mkdir()
+                (processing / "result.mtz").write_bytes(b"processed " * 1000)
+                wait_for(
+                    lambda epn=epn: epn in recorded_epns(scene),
+                    (deadline - datetime.now(timezone.utc)).total_seconds() + size["give_up_s"],
+                    service,
+                    f"{epn} recorded",
+                )
+                recorded_at = datetime.now(timezone.utc)
+                service.stop()
+            moments = {}
+            for line in log.read().splitlines():
+                match = RECORD_LINE.search(line)
+                if match and match.group(1) == epn:
+                    moments.setdefault(match.group(2).split()[0].rstrip(","), log_moment(line))
+            run = dict(
+                epn=epn,
+                seconds=(recorded_at - deadline).total_seconds(),
+                complete=has_arrived(home_of(scene, epn, cap_map) / "processing" / "result.mtz", 10000),
+                final_pass_began_s=_since(moments.get("started"), deadline),
+                recorded_in_log_s=_since(moments.get("synced"), deadline),
+            )
+            runs.append(run)
+            bench.progress(
+                f"run {index + 1}: {epn} recorded {run['seconds']:.1f} s after visit end + settle "
+                f"(final pass began at +{run['final_pass_began_s']:.1f} s); "
+                f"file written while settling {'home' if run['complete'] else 'MISSING'}"
+            )
+    value = summary(runs, "seconds")
+    complete = all(run["complete"] for run in runs)
+    details = dict(
+        size,
+        runs=count,
+        max_s=max(run["seconds"] for run in runs),
+        final_pass_began_s=summary(runs, "final_pass_began_s"),
+        all_complete=complete,
+        baseline="HPC ASSyncy records an EPN at its first run after the visit ends (every sync-frequency-hours), "
+        "without a settle time: files written after that run are never fetched; not run here",
+        method="per run one service (mxsync --config C --execute), settle-minutes 1, a visit ending "
+        f"{size['lead_s']} s after the service starts; a file written 10 s after the visit ends; seconds from "
+        f"visit end + settle-minutes to the EPN in ignore.yml (looked at every {POLL_SECONDS} s)",
+    )
+    return dict(
+        id="7b",
+        title=f"Visit end + settle-minutes -> recorded in ignore.yml, median of {count} run(s)",
+        value=value,
+        unit="s",
+        target="< 120 s",
+        passed=value < 120 and complete,
+        runs=runs,
+        details=details,
+    )
+
+
+def _since(moment, start):
+    return None if moment is None else (moment - start).total_seconds()
+
+
+CONFIG_TIMER = r"""
+import json, statistics, sys, time
+from mxsync.config import load_config
+times = []
+for _ in range(int(sys.argv[2])):
+    started = time.perf_counter()
+    load_config(sys.argv[1])
+    times.append(time.perf_counter() - started)
+print(json.dumps(statistics.median(times)))
+"""
+
+
+def config_seconds(config_path, repeats=3):
+    """Time mxsync's read of config.yml (the median of `repeats`), which the service repeats before every cycle."""
+    result = subprocess.run(
+        [PYTHON, "-c", CONFIG_TIMER, str(config_path), str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return json.loads(result.stdout)
+
+
+CYCLE_LINE = re.compile(r" - mxsync\.service - \w+:\d+: (mxsync started|Cycle finished)")
+
+
+def cycle_seconds(log_text):
+    """From one `--once` run's log: seconds from 'mxsync started' to 'Cycle finished' (the cycle, without the
+    interpreter's start)."""
+    moments = {}
+    for line in log_text.splitlines():
+        match = CYCLE_LINE.search(line)
+        if match:
+            moments[match.group(1)] = log_moment(line)
+    if len(moments) < 2:
+        raise BenchError(f"the log does not show the cycle's start and end: {sorted(moments)}")
+    return (moments["Cycle finished"] - moments["mxsync started"]).total_seconds()
+
+
+def fig_noop_known(bench, sizes):
+    """No-op cycle with many EPNs known (mapped, recorded, the state dir from a first run), as a service pays it."""
+    size = sizes["noop_known"]
+    count = size["epns"]
+    epns = [epn_name(index) for index in range(count)]
+    with Scene(bench.workdir, "noop-known") as scene:
+        for epn in epns:
+            scene.facility.portal.add_visit(23, epn, ENDED["start"], ENDED["end"])
+        scene.write_ignore(epns)
+        config = scene.write_config(epn_cap_map=cap_map_for(epns))
+        log = LogTail(scene.facility.workdir / "log" / "sync.log")
+        first = run_mxsync(scene)  # leaves in the state dir whatever mxsync keeps of the EPNs it has seen
+        log.read()
+        bench.progress(f"first run (not measured): {first['seconds']:.2f} s")
+        runs = []
+
+        def cycle():
+            figures = run_mxsync(scene)
+            run.update(process_s=figures["seconds"], cycle_s=cycle_seconds(log.read()))
+
+        def portal():
+            # The fastest of three calls (the first pays for lazy imports): the figure errs high, not low.
+            run["portal_s"] = portal_seconds(config, repeats=3)
+            # The log shows the cycle from after config.yml was read; the service reads it again before each cycle.
+            run["config_s"] = config_seconds(config)
+
+        for index, order in alternate(bench.runs, cycle, portal):
+            run = {}
+            for measure in order:
+                measure()
+            run["beyond_s"] = run["config_s"] + run["cycle_s"] - run["portal_s"]
+            run["process_beyond_s"] = run["process_s"] - run["portal_s"]
+            runs.append(run)
+            bench.progress(
+                f"run {index + 1}: config.yml read {run['config_s']:.2f} s + cycle {run['cycle_s']:.2f} s "
+                f"(whole process {run['process_s']:.2f} s), portal call {run['portal_s']:.2f} s: "
+                f"{run['beyond_s']:.2f} s beyond it"
+            )
+        if recorded_epns(scene) != set(epns):
+            raise BenchError("ignore.yml changed during no-op cycles")
+    value = summary(runs, "beyond_s")
+    details = dict(
+        size,
+        config_s=summary(runs, "config_s"),
+        cycle_s=summary(runs, "cycle_s"),
+        cycle_beyond_portal_s=median([run["cycle_s"] - run["portal_s"] for run in runs]),
+        portal_s=summary(runs, "portal_s"),
+        process_s=summary(runs, "process_s"),
+        process_beyond_s=summary(runs, "process_beyond_s"),
+        method="mxsync --execute --once over N ended visits, all mapped (N epn_cap_map entries) and in ignore.yml, "
+        "after one unmeasured run. What a service cycle costs: the read of config.yml it makes before each cycle "
+        "(load_config, median of 3) plus the cycle from the log ('mxsync started' to 'Cycle finished'), minus "
+        "mxsync's own portal call (token + visits, parsed; the fastest of 3); both timed in a separate process, "
+        "alternately before and after the run",
+    )
+    return dict(
+        id="7c",
+        title=f"No-op service cycle (config read + cycle), {count} EPNs known: seconds beyond the portal call",
+        value=value,
+        unit="s",
+        target="< 1 s",
+        passed=value < 1,
+        runs=runs,
+        details=details,
+    )
+
+
 FIGURES = {
     "1": fig_throughput,
     "1c": fig_cipher,
@@ -765,4 +1113,7 @@ FIGURES = {
     "4c": fig_noop_history,
     "5": fig_epnalert,
     "6": fig_memory,
+    "7a": fig_live_latency,
+    "7b": fig_settle_record,
+    "7c": fig_noop_known,
 }

@@ -11,6 +11,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,17 @@ class BenchError(RuntimeError):
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+def percentile(values, share):
+    """The `share` (0..1) quantile of `values`, linear between the nearest ranks (as numpy's default)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * share
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def machine():
@@ -190,6 +202,65 @@ def run_measured(program, arguments, workdir, timeout=3600, env=None, sample_chi
     return figures
 
 
+class Service:
+    """`mxsync --config C --execute` running as the service does (no --once) until stop().
+
+    It runs under bench/rusage_main.py, so stop() returns its peak RSS and CPU seconds over the whole run.
+    """
+
+    def __init__(self, scene):
+        self.scene = scene
+        self.process = None
+        self.started = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.process is not None and self.process.poll() is None:
+            self.stop()
+
+    def start(self):
+        workdir = self.scene.workdir
+        self.out = Path(tempfile.mkstemp(prefix="service-", suffix=".json", dir=workdir)[1])
+        self.stderr_path = self.out.with_suffix(".stderr")
+        command = [PYTHON, str(RUSAGE_MAIN), str(self.out), "mxsync", "--config", str(self.scene.config_path)]
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [*command, "--execute"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, cwd=workdir
+            )
+        self.started = time.monotonic()
+
+    def check_running(self):
+        """Raise BenchError if the service has exited: whatever is measured after that means nothing."""
+        if self.process.poll() is not None:
+            raise BenchError(f"the mxsync service exited {self.process.returncode}:\n{self._tail()}")
+
+    def stop(self, timeout=120):
+        """SIGTERM, as systemd stops it; return its figures (seconds, peak RSS, CPU). BenchError unless it exits 0."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise BenchError(
+                f"the mxsync service did not stop within {timeout} s of SIGTERM:\n{self._tail()}"
+            ) from None
+        figures = json.loads(self.out.read_text()) if self.out.stat().st_size else {}
+        figures["seconds"] = time.monotonic() - self.started
+        tail = self._tail()
+        self.out.unlink()
+        self.stderr_path.unlink()
+        if returncode != 0:
+            raise BenchError(f"the mxsync service exited {returncode} after SIGTERM:\n{tail}")
+        return figures
+
+    def _tail(self):
+        return self.stderr_path.read_text(errors="replace")[-2000:]
+
+
 class DescendantPeak:
     """Samples the peak RSS (VmHWM) of a process's rsync and ssh descendants from /proc until stopped.
 
@@ -328,6 +399,33 @@ def plain_rsync_loop(scene, epns, max_tasks, rsync_options=(), timeout=3600):
     if errors:
         raise BenchError(f"plain rsync loop failed: {errors[0]}")
     return {"seconds": seconds, "ssh_connections": scene.ssh_connections()}
+
+
+class LogTail:
+    """The lines a log file gains from now on (a rotated or truncated file is read from its start)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def read(self):
+        if not self.path.exists():
+            return ""
+        if self.path.stat().st_size < self.offset:
+            self.offset = 0
+        with open(self.path, "rb") as file:
+            file.seek(self.offset)
+            text = file.read()
+        self.offset += len(text)
+        return text.decode("utf-8", "replace")
+
+
+def log_moment(line):
+    """The aware time at the start of a line of mxsync's log (written in local time), or None."""
+    try:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").astimezone(timezone.utc)
+    except ValueError:
+        return None
 
 
 def timed(action):

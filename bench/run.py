@@ -1,7 +1,7 @@
 """Benchmark mxsync and epnalert against the simulated facility and print each figure against its target.
 
 Usage (from the repository root):
-    .venv/bin/python -m bench.run                 # every figure, issue-sized data (about 18 minutes on 2 cores)
+    .venv/bin/python -m bench.run                 # every figure, issue-sized data (about 31 minutes on 2 cores, 13 of them 7a-7c)
     .venv/bin/python -m bench.run --quick         # smaller data, a smoke run of a couple of minutes
     .venv/bin/python -m bench.run --only 1 4b     # some figures only
 Results go to bench/results/<time>.json and bench/results/latest.json. Exit status 0 if every
@@ -28,7 +28,8 @@ from bench.harness import disk_free, machine  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 # The issue's order; 1c (cipher) backs the ssh-cipher recommendation, 4c measures ignore.yml's growth.
-DEFAULT_ORDER = ("1", "1c", "2", "3", "4a", "4b", "4c", "5", "6")
+# 7a-7c are issue 11's lifecycle figures (live latency, settle to record, no-op cycle with many EPNs known).
+DEFAULT_ORDER = ("1", "1c", "2", "3", "4a", "4b", "4c", "5", "6", "7a", "7b", "7c")
 MIN_FREE_GIB = 8
 
 
@@ -68,7 +69,7 @@ def format_value(figure):
     if figure["unit"] == "s":
         text += " s"
     if figure.get("value2") is not None:
-        text += f" ({figure['value2']:.0f} MiB)"
+        text += f" ({figure['value2']:.0f} {figure.get('value2_unit', 'MiB')})"
     return text
 
 
@@ -78,11 +79,11 @@ def verdict(figure):
 
 def print_table(figures):
     print("\n" + "=" * 100)
-    print(f"{'fig':4} {'result':>18}  {'target':<28} {'':5} what")
+    print(f"{'fig':4} {'result':>20}  {'target':<28} {'':5} what")
     print("-" * 100)
     for figure in figures:
         print(
-            f"{figure['id']:4} {format_value(figure):>18}  {figure['target'][:28]:<28} {verdict(figure):5} {figure['title']}"
+            f"{figure['id']:4} {format_value(figure):>20}  {figure['target'][:28]:<28} {verdict(figure):5} {figure['title']}"
         )
     print("=" * 100)
 
@@ -169,6 +170,9 @@ def main(argv=None):
                 ("4c", "noop_history"),
                 ("5", "epnalert"),
                 ("6", "memory"),
+                ("7a", "live_latency"),
+                ("7b", "settle_record"),
+                ("7c", "noop_known"),
             )
         },
         "figures": results,

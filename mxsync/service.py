@@ -152,8 +152,12 @@ def run_service(config_path, execute, once, verbose=False):
         supervisor.stop_all()
         notifier.stopping()
         lock.release()
-        # The handlers stay installed to the end: a second stop signal during shutdown must not kill mxsync.
         logger.info("mxsync stopped: %s", reason)
+        # Nothing is left to stop. The interpreter's own shutdown puts Python-level handlers back to the default,
+        # under which a late stop signal (systemd's second SIGTERM, a second Ctrl-C) would kill mxsync with
+        # -SIGTERM; an ignored signal stays ignored through it.
+        for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signal_number, signal.SIG_IGN)
     if signals.stop.is_set():
         return 1 if once else 0  # --once promises 0 only when everything planned was synced
     return 0 if outcome.ok else 1

@@ -401,7 +401,7 @@ def run_in_process(main, argv):
     named = ("epnalert.email", "urllib3", "paramiko")
     saved_root = (root.handlers[:], root.level)
     saved_named = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in named}
-    saved_signals = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    saved_signals = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     saved_secrets = set(masker._secrets)
     masker._secrets.clear()
     # A fresh process has no logging handlers (so Python's last-resort handler prints warnings to stderr).

@@ -1,5 +1,6 @@
 """What a new user broke in one afternoon (issue 10), end to end: real sshd, rsync, signals, SMTP."""
 
+import contextlib
 import os
 import signal
 import stat
@@ -233,6 +234,26 @@ def test_a_burst_of_signals_never_hangs_the_service(facility):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0 and "Traceback" not in err
+    assert "mxsync stopped: SIGTERM received" in log_file.read_text()
+
+
+def test_stop_signals_during_shutdown_never_kill_mxsync(facility):
+    """systemd's second SIGTERM, a second Ctrl-C: however late in the shutdown they come, the exit stays 0."""
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    config = facility.write_config(sync_frequency_hours=24)
+    log_file = facility.workdir / "log" / "sync.log"
+    process = _start(config)
+    try:
+        _wait_for(lambda: log_file.exists() and "Cycle finished" in log_file.read_text(), process)
+        while process.poll() is None:  # until it has exited, through the interpreter's own shutdown
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            time.sleep(0.0005)
+        _out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
     assert "mxsync stopped: SIGTERM received" in log_file.read_text()
 
 

@@ -7,13 +7,13 @@ IMMEDIATE transaction, so a crash at any instant leaves each row whole or absent
 not a database is moved aside and a fresh one built; one from a newer mxsync is refused, untouched.
 """
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,7 +80,8 @@ MIGRATIONS = [
             other_scientists TEXT NOT NULL DEFAULT '[]',  -- JSON list of objects
             seen_at TEXT NOT NULL
         )""",
-        "CREATE UNIQUE INDEX visits_identity ON visits (epn, equipment_id, ifnull(start, ''))",
+        # A visit is its EPN, equipment and start (the portal gives visits no id of their own).
+        "CREATE UNIQUE INDEX visits_identity ON visits (epn, ifnull(equipment_id, -1), ifnull(start, ''))",
         """CREATE TABLE transfers (
             id INTEGER PRIMARY KEY,
             epn TEXT NOT NULL REFERENCES epns (epn),
@@ -180,27 +181,27 @@ class SourceFailure(NamedTuple):
 class Store:
     """An open state store; use Store.open(state_dir), as a context manager or with close()."""
 
-    def __init__(self, path, connection, read_only=False):
+    def __init__(self, path, connection, dry_run=False):
         self.path = Path(path)
-        self.read_only = read_only
+        self.dry_run = dry_run  # a copy in memory: writes change only the copy
         self.moved_aside = None  # where a corrupt database was moved when this one was built, else None
         self.imported = []  # the retired JSON files (<name>.imported) this open imported
         self._db = connection
         self._lock = threading.Lock()  # one connection, shared by mxsync's transfer threads
-        self._inode = None if read_only else os.stat(self.path).st_ino
+        self._inode = None if dry_run else os.stat(self.path).st_ino
 
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, state_dir, read_only=False, busy_timeout=BUSY_TIMEOUT):
+    def open(cls, state_dir, dry_run=False, busy_timeout=BUSY_TIMEOUT):
         """Open (creating, repairing, migrating and importing as needed) `<state_dir>/mxsync.db`.
 
-        read_only gives a snapshot in memory that changes nothing on disk (for dry runs and status).
-        Raises StoreError with one line if the store cannot be used.
+        dry_run gives a copy in memory, imports included, that writes change and nothing on disk does
+        (SQLite may leave its empty -wal and -shm beside an existing file). Raises StoreError, one line.
         """
         path = Path(state_dir) / DB_NAME
-        if read_only:
-            return cls._snapshot(path, busy_timeout)
+        if dry_run:
+            return cls._copy_in_memory(path, busy_timeout)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with file_lock(path.with_name(LOCK_NAME)):
@@ -210,10 +211,10 @@ class Store:
 
     @classmethod
     def _set_up(cls, path, busy_timeout):
-        moved_aside = None
+        moved_aside, connection = None, None
         _create(path)
-        connection = _connect(path, busy_timeout)
         try:
+            connection = _connect(path, busy_timeout)
             try:
                 version = _probe(connection, path)
             except _Corrupt as problem:
@@ -228,11 +229,11 @@ class Store:
             connection.execute("PRAGMA synchronous = FULL")
             _migrate(connection, path, version)
             store = cls(path, connection)
-        except sqlite3.Error as error:
-            connection.close()
-            raise StoreError(f"{path}: cannot open the state store: {error}") from None
-        except BaseException:
-            connection.close()
+        except BaseException as error:
+            if connection is not None:
+                connection.close()
+            if isinstance(error, sqlite3.Error):
+                raise StoreError(f"{path}: cannot open the state store: {_describe(error)}") from None
             raise
         store.moved_aside = moved_aside
         try:
@@ -243,8 +244,8 @@ class Store:
         return store
 
     @classmethod
-    def _snapshot(cls, path, busy_timeout):
-        """A read-only view: the file copied into memory (migrated there if old), or an empty store if none."""
+    def _copy_in_memory(cls, path, busy_timeout):
+        """The file copied into memory (migrated and imported into there), or a new store there if none."""
         memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         try:
             if path.exists():
@@ -254,7 +255,7 @@ class Store:
                     source.backup(memory)
                 except _Corrupt as problem:
                     raise StoreError(
-                        f"{path}: the state store {problem}; the next run that writes moves it aside"
+                        f"{path}: the state store {problem}; a run that is not a dry run moves it aside"
                     ) from None
                 finally:
                     source.close()
@@ -267,7 +268,9 @@ class Store:
         except BaseException:
             memory.close()
             raise
-        return cls(path, memory, read_only=True)
+        store = cls(path, memory, dry_run=True)
+        store.imported = store._import_retired_files()
+        return store
 
     def close(self):
         with self._lock:
@@ -285,9 +288,8 @@ class Store:
     def _transaction(self, doing):
         """One IMMEDIATE write transaction (it takes the write lock at once, so the busy timeout applies)."""
         with self._lock:
-            if self.read_only:
-                raise StoreError(f"{self.path}: this is a read-only view of the state store; cannot {doing}")
-            self._check_same_file()
+            if not self.dry_run:
+                self._check_same_file()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
@@ -348,18 +350,14 @@ class Store:
         with self._transaction("record visits") as db:
             db.executemany("INSERT INTO epns (epn) VALUES (?) ON CONFLICT (epn) DO NOTHING", [(r[0],) for r in rows])
             _saw(db, ((row[0], "portal") for row in rows), now)
-            for row in rows:
-                updated = db.execute(
-                    "UPDATE visits SET end = ?, beamline = ?, principal_scientist = ?, other_scientists = ?,"
-                    " seen_at = ? WHERE epn = ? AND equipment_id IS ? AND ifnull(start, '') = ifnull(?, '')",
-                    (row[2], *row[4:], row[0], row[3], row[1]),
-                ).rowcount
-                if not updated:
-                    db.execute(
-                        "INSERT INTO visits (epn, start, end, equipment_id, beamline, principal_scientist,"
-                        " other_scientists, seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
+            db.executemany(
+                "INSERT INTO visits (epn, start, end, equipment_id, beamline, principal_scientist, other_scientists,"
+                " seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (epn, ifnull(equipment_id, -1), ifnull(start, ''))"
+                " DO UPDATE SET end = excluded.end, beamline = excluded.beamline,"
+                " principal_scientist = excluded.principal_scientist, other_scientists = excluded.other_scientists,"
+                " seen_at = excluded.seen_at",
+                rows,
+            )
 
     def visits(self, epn):
         """Return the EPN's visits, earliest first."""
@@ -420,28 +418,12 @@ class Store:
 
     def states(self):
         """Return {EPN: EpnState} for every EPN in the store (state None: no lifecycle state set yet)."""
-        rows = self._query(
-            "SELECT epn, state, state_since, reason, failures, failing_since, last_error, last_failure, project"
-            " FROM epns"
-        )
-        return {
-            row[0]: EpnState(
-                row[0], row[1], _time(row[2]), row[3], row[4], _time(row[5]), row[6], _time(row[7]), row[8]
-            )
-            for row in rows
-        }
+        return {row[0]: _epn_state(row) for row in self._query(f"SELECT {_EPN_COLUMNS} FROM epns")}
 
     def state(self, epn):
         """Return the EPN's EpnState, or None if the store has never heard of it."""
-        rows = self._query(
-            "SELECT epn, state, state_since, reason, failures, failing_since, last_error, last_failure, project"
-            " FROM epns WHERE epn = ?",
-            (epn,),
-        )
-        if not rows:
-            return None
-        row = rows[0]
-        return EpnState(row[0], row[1], _time(row[2]), row[3], row[4], _time(row[5]), row[6], _time(row[7]), row[8])
+        rows = self._query(f"SELECT {_EPN_COLUMNS} FROM epns WHERE epn = ?", (epn,))
+        return _epn_state(rows[0]) if rows else None
 
     def reconcile_recorded(self, recorded_epns, unrecorded_state="final", when=None):
         """Make the store agree with ignore.yml, which wins; return (EPNs newly recorded, EPNs no longer recorded).
@@ -582,7 +564,7 @@ class Store:
     # ------------------------------------------------------------ importing the retired JSON files
 
     def _import_retired_files(self):
-        """Import mxsync-state.json and epnalert-state.json if present, then rename each <name>.imported."""
+        """Import mxsync-state.json and epnalert-state.json if present, then rename each <name>.imported (not in a dry run)."""
         retired = []
         for name, importer in ((HISTORY_FILE, _import_history), (ALERT_STATE_FILE, _import_alert_state)):
             source = self.path.with_name(name)
@@ -610,6 +592,12 @@ class Store:
                     "%s: cannot be imported into %s (%s); left in place: fix or remove it", source, self.path, problem
                 )
                 continue
+            if self.dry_run:
+                done = f" ({counts})" if counts else ", already imported"
+                logger.info(
+                    "Imported %s into a copy of %s in memory%s; the file is left as it is", source, self.path, done
+                )
+                continue
             try:
                 aside = _retire(source)
             except OSError as error:
@@ -631,7 +619,12 @@ class _Unusable(Exception):
     """A JSON file to import does not have the shape the old code wrote."""
 
 
+_EPN_COLUMNS = "epn, state, state_since, reason, failures, failing_since, last_error, last_failure, project"
 _TRANSFER_COLUMNS = "id, epn, kind, started, ended, files, bytes, seconds, outcome, exit_code, error"
+
+
+def _epn_state(row):
+    return EpnState(row[0], row[1], _time(row[2]), row[3], row[4], _time(row[5]), row[6], _time(row[7]), row[8])
 
 
 def _transfer(row):
@@ -789,7 +782,7 @@ def _time(text):
 
 def _person(person):
     """A portal Person (or a mapping) as a JSON-ready dict."""
-    return dataclasses.asdict(person) if dataclasses.is_dataclass(person) else dict(person)
+    return dict(person) if isinstance(person, Mapping) else dict(vars(person))  # vars(): asdict was 40% of a poll
 
 
 def _saw(db, pairs, now):

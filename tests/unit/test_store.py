@@ -114,9 +114,9 @@ def test_a_database_from_a_newer_mxsync_is_refused_and_left_byte_for_byte(tmp_pa
     path = tmp_path / DB_NAME
     raw(path, f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     before = path.read_bytes()
-    for read_only in (False, True):
+    for dry_run in (False, True):
         with pytest.raises(StoreError) as refused:
-            Store.open(tmp_path, read_only=read_only)
+            Store.open(tmp_path, dry_run=dry_run)
         message = str(refused.value)
         assert "\n" not in message
         assert message.startswith(f"{path}: ") and "newer mxsync" in message
@@ -461,6 +461,24 @@ def test_a_locked_database_is_an_error_never_corruption(tmp_path):
     assert not list(tmp_path.glob("*.corrupt-*"))
 
 
+def test_a_database_that_cannot_be_read_is_an_error_never_corruption(tmp_path):
+    (tmp_path / DB_NAME).mkdir()  # e.g. a mistaken deployment step
+    with pytest.raises(StoreError, match=f"^{tmp_path / DB_NAME}: cannot open the state store: unable to open"):
+        Store.open(tmp_path)
+    (tmp_path / DB_NAME).rmdir()
+    Store.open(tmp_path).close()
+    raw(tmp_path / DB_NAME, "PRAGMA journal_mode = DELETE")  # so that a writer's lock keeps readers out too
+    holder = sqlite3.connect(str(tmp_path / DB_NAME), isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="database is locked"):
+            Store.open(tmp_path, busy_timeout=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [DB_NAME, "mxsync.db.lock"]
+
+
 def test_an_unusable_state_directory_is_one_line_naming_the_path(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(StoreError) as refused:
@@ -479,27 +497,33 @@ def test_a_store_moved_aside_by_another_process_refuses_writes(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- the read-only view
+# ---------------------------------------------------------------- dry runs
 
 
-def test_a_read_only_view_changes_nothing(tmp_path):
+def test_a_dry_run_works_on_a_copy_in_memory_and_changes_nothing_on_disk(tmp_path):
     write_history(tmp_path)
     listing = sorted(os.listdir(tmp_path))
-    with Store.open(tmp_path, read_only=True) as view:
-        assert view.states() == {}  # importing is a change: a dry run does not import
-        with pytest.raises(StoreError, match="read-only view"):
-            view.set_state("12282a", "booked")
+    with Store.open(tmp_path, dry_run=True) as copy:
+        assert copy.state("12282a").failures == 3  # imported into the copy, as a real run would
+        copy.set_state("12282a", "verified", clear_failures=True)
+        copy.transfer_started("12282a", "final")
+        assert copy.state("12282a").state == "verified" and copy.imported == []
     assert sorted(os.listdir(tmp_path)) == listing
     with Store.open(tmp_path) as store:
+        assert (store.state("12282a").state, store.state("12282a").failures) == ("failed", 3)
         store.set_state("400a", "collecting")
     before = (tmp_path / DB_NAME).read_bytes()
-    with Store.open(tmp_path, read_only=True) as view:
-        assert view.state("400a").state == "collecting"
+    with Store.open(tmp_path, dry_run=True) as copy:
+        assert copy.state("400a").state == "collecting"
+        copy.reconcile_recorded({"400a"})
+        assert copy.state("400a").state == "recorded"
     assert (tmp_path / DB_NAME).read_bytes() == before
+    with Store.open(tmp_path) as store:
+        assert store.state("400a").state == "collecting"
 
 
-def test_a_read_only_view_of_a_corrupt_store_is_an_error_and_moves_nothing(tmp_path):
+def test_a_dry_run_on_a_corrupt_store_is_an_error_and_moves_nothing(tmp_path):
     (tmp_path / DB_NAME).write_bytes(b"garbage" * 1000)
     with pytest.raises(StoreError, match="not a usable database"):
-        Store.open(tmp_path, read_only=True)
+        Store.open(tmp_path, dry_run=True)
     assert sorted(os.listdir(tmp_path)) == [DB_NAME]

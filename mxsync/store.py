@@ -30,6 +30,8 @@ LOCK_NAME = "mxsync.db.lock"  # serialises opening (create, repair, migrate, imp
 HISTORY_FILE = "mxsync-state.json"
 ALERT_STATE_FILE = "epnalert-state.json"
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's transaction before giving up
+# epnalert's memory of the last alert it sent: {"last_sent", "last_recipients", "epns": {EPN: first alerted}}.
+EPNALERT_NOTE = "epnalert_last_alert"
 
 STATES = (
     "booked",
@@ -46,6 +48,7 @@ STATES = (
 SOURCES = ("portal", "sftp")  # where an EPN was seen
 PASS_KINDS = ("live", "final", "backfill")
 OUTCOMES = ("ok", "failed", "stopped", "no-data", "interrupted")
+LIFECYCLE_KINDS = ("live", "final")  # the passes an EPN's lifecycle is decided from
 
 # Forward migrations: MIGRATIONS[n] takes a database from schema n to n + 1 (0 is a new, empty file).
 # Append only; never edit a released step. Each is a list of statements, run in one transaction with the others.
@@ -122,6 +125,8 @@ MIGRATIONS = [
             PRIMARY KEY (file, sha256)
         )""",
     ],
+    # An EPN taken out of ignore.yml by hand is synced again: its passes up to this transfer id no longer count.
+    ["ALTER TABLE epns ADD COLUMN passes_after INTEGER NOT NULL DEFAULT 0"],
 ]
 
 
@@ -416,9 +421,19 @@ class Store:
                     (epn,),
                 )
 
-    def states(self):
-        """Return {EPN: EpnState} for every EPN in the store (state None: no lifecycle state set yet)."""
-        return {row[0]: _epn_state(row) for row in self._query(f"SELECT {_EPN_COLUMNS} FROM epns")}
+    def states(self, state=None):
+        """Return {EPN: EpnState} for every EPN in the store, or those in `state` (None: no lifecycle state set yet)."""
+        if state is None:
+            return {row[0]: _epn_state(row) for row in self._query(f"SELECT {_EPN_COLUMNS} FROM epns")}
+        _check(state, STATES, "state")
+        return {
+            row[0]: _epn_state(row) for row in self._query(f"SELECT {_EPN_COLUMNS} FROM epns WHERE state = ?", (state,))
+        }
+
+    def failing(self, min_failures=1):
+        """Return {EPN: EpnState} of the EPNs with at least `min_failures` failures in a row."""
+        rows = self._query(f"SELECT {_EPN_COLUMNS} FROM epns WHERE failures >= ?", (max(1, min_failures),))
+        return {row[0]: _epn_state(row) for row in rows}
 
     def state(self, epn):
         """Return the EPN's EpnState, or None if the store has never heard of it."""
@@ -428,8 +443,9 @@ class Store:
     def reconcile_recorded(self, recorded_epns, unrecorded_state="final", when=None):
         """Make the store agree with ignore.yml, which wins; return (EPNs newly recorded, EPNs no longer recorded).
 
-        EPNs in ignore.yml become 'recorded'; those the store had as recorded but ignore.yml no longer
-        lists (removed by hand, or a lost store) go to `unrecorded_state`, so they are synced again.
+        EPNs in ignore.yml become 'recorded' (their failures end); those the store had as recorded but ignore.yml
+        no longer lists (removed by hand) go to `unrecorded_state` and their passes so far stop counting
+        (last_pass, failed_passes), so they are synced again.
         """
         _check(unrecorded_state, STATES, "state")
         if unrecorded_state == "recorded":
@@ -441,11 +457,14 @@ class Store:
             added, reopened = recorded - in_store, in_store - recorded
             db.executemany(
                 "INSERT INTO epns (epn, state, state_since) VALUES (?, 'recorded', ?) ON CONFLICT (epn) DO UPDATE"
-                " SET state = 'recorded', state_since = excluded.state_since, reason = NULL",
+                " SET state = 'recorded', state_since = excluded.state_since, reason = NULL, failures = 0,"
+                " failing_since = NULL, last_error = NULL, last_failure = NULL",
                 [(epn, now) for epn in sorted(added)],
             )
+            # In the same transaction: a reopened EPN whose old final pass still counted would look verified.
             db.executemany(
-                "UPDATE epns SET state = ?, state_since = ?, reason = 'no longer in ignore.yml' WHERE epn = ?",
+                "UPDATE epns SET state = ?, state_since = ?, reason = 'no longer in ignore.yml',"
+                " passes_after = (SELECT ifnull(max(id), 0) FROM transfers) WHERE epn = ?",
                 [(unrecorded_state, now, epn) for epn in sorted(reopened)],
             )
         return added, reopened
@@ -495,6 +514,42 @@ class Store:
             for row in self._query(f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE epn = ? ORDER BY id", (epn,))
         ]
 
+    def last_pass(self, epn):
+        """Return the EPN's latest finished live or final Transfer that still counts (see reconcile_recorded), or None."""
+        rows = self._query(
+            f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE epn = ? AND outcome IS NOT NULL"
+            f" AND kind IN {LIFECYCLE_KINDS} AND id > (SELECT passes_after FROM epns WHERE epn = ?)"
+            " ORDER BY id DESC LIMIT 1",
+            (epn, epn),
+        )
+        return _transfer(rows[0]) if rows else None
+
+    def failed_passes(self, epn):
+        """Return how many of the EPN's passes failed since its last that succeeded or found no data (stops say nothing)."""
+        rows = self._query(
+            "SELECT count(*) FROM transfers WHERE epn = ? AND outcome = 'failed' AND id > max("
+            " (SELECT passes_after FROM epns WHERE epn = ?),"
+            " (SELECT ifnull(max(id), 0) FROM transfers WHERE epn = ? AND outcome IN ('ok', 'no-data')))",
+            (epn, epn, epn),
+        )
+        return rows[0][0]
+
+    def passes(self):
+        """Return {EPN: (last_pass, failed_passes)} of every EPN with a pass that counts, in two queries."""
+        last = self._query(
+            f"SELECT {', '.join('t.' + column for column in _TRANSFER_COLUMNS.split(', '))} FROM transfers t JOIN"
+            " (SELECT u.epn, max(u.id) AS id FROM transfers u JOIN epns e ON e.epn = u.epn WHERE u.outcome IS NOT NULL"
+            f" AND u.kind IN {LIFECYCLE_KINDS} AND u.id > e.passes_after GROUP BY u.epn) m ON t.id = m.id"
+        )
+        failed = dict(
+            self._query(
+                "SELECT u.epn, count(*) FROM transfers u JOIN epns e ON e.epn = u.epn WHERE u.outcome = 'failed'"
+                " AND u.id > max(e.passes_after, (SELECT ifnull(max(v.id), 0) FROM transfers v WHERE v.epn = u.epn"
+                " AND v.outcome IN ('ok', 'no-data'))) GROUP BY u.epn"
+            )
+        )
+        return {row[1]: (_transfer(row), failed.get(row[1], 0)) for row in last}
+
     def running_transfers(self):
         """Return the transfers started and not finished (after a crash: those the crash interrupted)."""
         return [
@@ -504,8 +559,11 @@ class Store:
 
     # ------------------------------------------------------------ alerts and failing sources
 
-    def alert_sent(self, kind, keys=("",), recipients=None, subject=None, when=None):
-        """Record one alert email of `kind` about `keys` (EPNs, sources): one row each."""
+    def alert_sent(self, kind, keys=("",), recipients=None, subject=None, when=None, note=None):
+        """Record one alert email of `kind` about `keys` (EPNs, sources): one row each.
+
+        note=(name, value) saves a note in the same transaction (what the sender must remember of it).
+        """
         now = _text(when)
         rows = [(kind, key, now, recipients, subject) for key in (keys or ("",))]
         with self._transaction(f"record the {kind} alert") as db:
@@ -514,6 +572,8 @@ class Store:
                 " ON CONFLICT (kind, key, sent_at) DO NOTHING",
                 rows,
             )
+            if note is not None:
+                _set_note(db, *note)
 
     def alerts_since(self, since=None, kind=None, key=None):
         """Return the AlertRecords sent at or after `since` (all if None), of `kind` and about `key` if given, oldest first."""
@@ -550,12 +610,8 @@ class Store:
 
     def set_note(self, name, value):
         """Keep a small JSON value under `name` (e.g. the last cycle's summary)."""
-        text = json.dumps(value, sort_keys=True)
         with self._transaction(f"save the note {name}") as db:
-            db.execute(
-                "INSERT INTO notes (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (name, text),
-            )
+            _set_note(db, name, value)
 
     def get_note(self, name, default=None):
         rows = self._query("SELECT value FROM notes WHERE name = ?", (name,))
@@ -785,6 +841,13 @@ def _person(person):
     return dict(person) if isinstance(person, Mapping) else dict(vars(person))  # vars(): asdict was 40% of a poll
 
 
+def _set_note(db, name, value):
+    db.execute(
+        "INSERT INTO notes (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (name, json.dumps(value, sort_keys=True)),
+    )
+
+
 def _saw(db, pairs, now):
     db.executemany(
         "INSERT INTO sightings (epn, source, first_seen, last_seen) VALUES (?, ?, ?, ?)"
@@ -896,11 +959,12 @@ def _import_alert_state(db, data):
         raise _Unusable("its 'last_recipients' is not a list")
     last_sent = _optional_time(data, "last_sent", "the file")
     subject = "Unknown ownership of EPNs"  # epnalert.alert.SUBJECT
-    alerts = []
+    alerts, first_alerted = [], {}
     for epn in epns:
         entry = _entry(epns, epn, "epns")
         if "first_alerted" not in entry:
             raise _Unusable(f"epns.{epn} has no first_alerted")
+        first_alerted[epn] = _imported_time(entry["first_alerted"], f"epns.{epn}.first_alerted")
         # A row for the first alert that listed it and one for the latest; only the last one sent has known recipients.
         for sent_at in {_imported_time(entry["first_alerted"], f"epns.{epn}.first_alerted")} | {
             _optional_time(entry, "last_alerted", f"epns.{epn}")
@@ -912,4 +976,10 @@ def _import_alert_state(db, data):
         " ON CONFLICT DO NOTHING",
         [(*alert, subject) for alert in alerts],
     )
+    if last_sent is not None:  # what epnalert.alert.AlertHistory reads: the alert rows alone cannot say it
+        note = {"last_sent": last_sent, "last_recipients": [str(r) for r in recipients], "epns": first_alerted}
+        db.execute(
+            "INSERT INTO notes (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+            (EPNALERT_NOTE, json.dumps(note, sort_keys=True)),
+        )
     return f"{len(epns)} EPNs alerted as unknown, last alert {last_sent or 'never'}"

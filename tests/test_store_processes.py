@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from mxsync.errors import StoreError
-from mxsync.history import History
 from mxsync.store import DB_NAME, Store
+from tests import legacy_state
 from tests.faults import IS_ROOT, ROOT_REASON, fill, remount, tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,10 +100,8 @@ def is_whole(row):
 def test_two_writers_and_a_reader_share_the_store_without_lock_errors(tmp_path):
     state_dir = tmp_path / "state"
     state_dir.mkdir()
-    history = History(state_dir)  # the first opens race to create, migrate and import it: once only
-    history.epn_finished("12282z", error="rsync exit 12")
-    history.mark_alerted(["12282z"], [])
-    history.cycle_finished({"planned": 1})
+    legacy_state.install(state_dir, legacy_state.HISTORY_FILE)  # the first opens race to create, migrate and import
+    imported = {"12282a", "12283b", "12285d", "12286e"}  # its EPNs (12285d has an interrupted transfer)
     go = tmp_path / "go"
     processes = {name: start(WRITER, state_dir, name, go, 2) for name in "ab"}
     reader = start(READER, state_dir, "r", go, 2)
@@ -117,13 +115,13 @@ def test_two_writers_and_a_reader_share_the_store_without_lock_errors(tmp_path):
     written = {name: [int(line) for line in outputs[name][0].split()] for name in "ab"}
     for name, ids in written.items():
         assert ids, f"writer {name} wrote nothing"
-        assert {i for i, row in stored.items() if row[0].endswith(name) and row[0] != "12282z"} == set(ids)
+        assert {i for i, row in stored.items() if row[0].endswith(name) and row[0] not in imported} == set(ids)
         assert all(is_whole(stored[i]) and stored[i][5] == "ok" for i in ids)
     assert max(min(ids) for ids in written.values()) < min(max(ids) for ids in written.values())  # they overlapped
     with Store.open(state_dir) as store:
-        assert store.state("12282z").failures == 1
+        assert store.state("12282a").failures == 3
         assert len(store.alerts_since(kind="epn-failure")) == 1
-        assert {epn: state.state for epn, state in store.states().items() if epn != "12282z"} == {
+        assert {epn: state.state for epn, state in store.states().items() if epn not in imported} == {
             f"{number}{name}": "collecting" for name, ids in written.items() for number in range(len(ids))
         }
     connection = sqlite3.connect(str(state_dir / DB_NAME))

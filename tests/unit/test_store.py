@@ -14,13 +14,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from epnalert import alert as epnalert
-from mxsync import history as mxsync_history
 from mxsync import store as store_module
 from mxsync.errors import StoreError
-from mxsync.history import History
 from mxsync.portal import Person, Visit
 from mxsync.state import IgnoreFile
-from mxsync.store import DB_NAME, MIGRATIONS, Store
+from mxsync.store import DB_NAME, EPNALERT_NOTE, MIGRATIONS, Store
+from tests import legacy_state
 
 T0 = datetime(2024, 4, 28, 9, 0, tzinfo=timezone.utc)
 
@@ -75,7 +74,8 @@ def test_database_and_its_wal_files_are_0640_whatever_the_umask(tmp_path, mask):
 
 
 def test_the_retired_file_names_are_those_the_old_code_writes():
-    assert store_module.HISTORY_FILE == mxsync_history.STATE_FILE_NAME
+    written = sorted(path.name for path in legacy_state.LEGACY_STATE.glob("*.json"))  # by the old code itself
+    assert written == sorted([store_module.HISTORY_FILE, store_module.ALERT_STATE_FILE])
     assert store_module.ALERT_STATE_FILE == epnalert.STATE_FILE_NAME
 
 
@@ -271,34 +271,14 @@ def test_ignore_yml_wins_over_the_store(tmp_path):
 
 
 def write_history(state_dir):
-    """mxsync-state.json as mxsync.history writes it: failures (one alerted), a failing source, waiting, running."""
-    history = History(state_dir)
-    for error in ("rsync exit 12", "rsync exit 23", "verification failed"):
-        history.epn_finished("12282a", error=error)
-    history.epn_finished("12283b", error="cannot prepare /dest")
-    history.source_result("portal", "HTTP 502")
-    history.mark_alerted(["12282a"], [])
-    history.cycle_finished({"planned": 4, "synced": ["12284c"], "failed": ["12282a", "12283b"]})
-    history.epn_started("12285d")  # the old mxsync was killed while this ran
-    history.epn_waiting("12286e", "no folder at the facility yet")
-    return json.loads((state_dir / mxsync_history.STATE_FILE_NAME).read_text())
-
-
-def unknown(epn):
-    return epnalert.UnknownEpn(epn=epn, sftp_paths=(f"/data/{epn}",))
+    """mxsync-state.json as the old mxsync.history wrote it: failures (one alerted), failing sources, waiting, running."""
+    return legacy_state.install(state_dir, legacy_state.HISTORY_FILE)
 
 
 def write_alert_state(state_dir):
-    """epnalert-state.json as epnalert.alert.AlertHistory writes it after two alerts (the second with SFTP down)."""
-    history = epnalert.AlertHistory(state_dir / epnalert.STATE_FILE_NAME)
-    first, second = T0, T0 + timedelta(days=7)
-    previous = history.load()
-    alert = epnalert.Alert(unknown=epnalert.mark_new([unknown("300a"), unknown("301a")], previous.epns))
-    history.record(alert, previous, first, ["staff@example.org", "lead@example.org"])
-    previous = history.load()
-    alert = epnalert.Alert(unknown=epnalert.mark_new([unknown("300a"), unknown("302a")], previous.epns))
-    history.record(alert, previous, second, ["staff@example.org"], keep_unseen=True)
-    return history.load()
+    """epnalert-state.json as the old AlertHistory wrote it after two alerts (the second with SFTP down); return
+    what the old code read from it."""
+    return legacy_state.previous_alert(legacy_state.install(state_dir, legacy_state.ALERT_STATE_FILE))
 
 
 def test_mxsync_history_is_imported_once_and_retired(tmp_path, caplog):
@@ -309,12 +289,15 @@ def test_mxsync_history_is_imported_once_and_retired(tmp_path, caplog):
         failed = states["12282a"]
         assert (failed.state, failed.failures, failed.last_error) == ("failed", 3, "verification failed")
         assert failed.last_failure == datetime.fromisoformat(data["epns"]["12282a"]["last_attempt"])
-        assert (states["12283b"].state, states["12283b"].failures) == ("failed", 1)
+        assert (states["12283b"].state, states["12283b"].failures) == ("failed", 2)
         waiting = states["12286e"]
         assert (waiting.state, waiting.reason, waiting.failures) == ("waiting", "no folder at the facility yet", 0)
         assert [(t.kind, t.outcome) for t in store.transfers("12285d")] == [("final", "interrupted")]
         assert store.running_transfers() == []
-        assert [(a.kind, a.key) for a in store.alerts_since()] == [("epn-failure", "12282a")]
+        assert [(a.kind, a.key) for a in store.alerts_since()] == [
+            ("epn-failure", "12282a"),
+            ("source-failure", "destination"),
+        ]
         portal = store.source_failures()["portal"]
         assert (portal.failures, portal.last_error) == (1, "HTTP 502")
         assert store.get_note("last_cycle") == data["last_cycle"]
@@ -344,6 +327,11 @@ def test_epnalert_state_is_imported_so_that_first_alerted_and_last_sent_read_bac
     }
     assert {r.subject for r in alerts} == {epnalert.SUBJECT}
     assert (tmp_path / "epnalert-state.json.imported").exists()
+    with Store.open(tmp_path) as store:  # and what epnalert needs for its next alert, which the rows cannot say
+        note = store.get_note(EPNALERT_NOTE)
+    assert datetime.fromisoformat(note["last_sent"]) == previous.sent_at
+    assert {epn: datetime.fromisoformat(first) for epn, first in note["epns"].items()} == previous.epns
+    assert note["last_recipients"] == ["staff@example.org"]
 
 
 def test_importing_the_same_file_again_never_duplicates(tmp_path, caplog):

@@ -225,7 +225,7 @@ class AlertHistory:
         try:
             sent_at = _parse_time(note["last_sent"]) if note.get("last_sent") else None
             epns = {str(epn): _parse_time(first) for epn, first in note.get("epns", {}).items()}
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:
             raise StateFileError(
                 f"{self.path}: epnalert's note of the last alert is not in the expected form "
                 f"({type(error).__name__}: {error}); every unknown EPN is marked new until an alert is sent"

@@ -5,6 +5,7 @@ only history, never a sync record: a store that cannot be opened or written is l
 mxsync goes on without it. Status and dry runs read a copy in memory, so they never write.
 """
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -99,12 +100,15 @@ class History:
     # ------------------------------------------------------------ the store, never stopping a transfer
 
     def _call(self, doing, method, *arguments, default=None, **keywords):
-        """Call a store method; a StoreError is logged (once at ERROR) and `default` returned: history never stops a run."""
+        """Call a store method; a StoreError is logged (once at ERROR) and `default` returned: history never stops a run.
+
+        A ValueError is a damaged value in the store (a time that is not one) or a pass finished twice (a bug of ours).
+        """
         if self._store is None:
             return default
         try:
             return getattr(self._store, method)(*arguments, **keywords)
-        except StoreError as error:
+        except (StoreError, ValueError) as error:
             cause = str(error).rsplit(": ", 1)[-1]  # "database is locked ...", "database or disk is full", ...
             level = logging.DEBUG if cause in self._reported else logging.ERROR
             self._reported.add(cause)
@@ -132,7 +136,8 @@ class History:
             self._running[epn] = token
 
     def epn_finished(self, epn, error=None, stopped=False):
-        """Record the end of an EPN's attempt: a success clears its failures, a failure counts one more."""
+        """Record the end of an EPN's attempt: a success (verified and recorded in ignore.yml: the cycle calls this
+        after the record) clears its failures, a failure counts one more, a stop says nothing."""
         with self._lock:
             token = self._running.pop(epn, None)
         outcome = "stopped" if stopped else "ok" if error is None else "failed"
@@ -140,6 +145,8 @@ class History:
             self.pass_finished(token, outcome, error=error)
         else:  # a failure before any transfer (refused, waiting too long)
             self._epn_result(epn, outcome, error)
+        if outcome == "ok":
+            self.recorded(epn)
 
     def epn_waiting(self, epn, reason):
         """Note that the facility has no data for an EPN yet: not a failure, shown by `mxsync status`."""
@@ -187,18 +194,15 @@ class History:
             if self._running.get(token.epn) == token:
                 del self._running[token.epn]
         if token.id is not None:
-            try:
-                self._call(
-                    f"record the end of a pass of {token.epn}",
-                    "transfer_finished",
-                    token.id,
-                    outcome,
-                    files=files,
-                    bytes_transferred=bytes_transferred,
-                    error=error,
-                )
-            except ValueError as problem:  # finished twice: a bug of ours, never worth stopping a transfer for
-                logger.error("%s (a pass of %s)", problem, token.epn)
+            self._call(
+                f"record the end of a pass of {token.epn}",
+                "transfer_finished",
+                token.id,
+                outcome,
+                files=files,
+                bytes_transferred=bytes_transferred,
+                error=error,
+            )
         if token.kind == "final":  # live passes copy growing data: their troubles are not the EPN's failures
             self._epn_result(token.epn, outcome, error)
 
@@ -295,12 +299,24 @@ def _entry(failures, since, last_error, last_attempt):
 
 
 def _last_pass(transfer):
-    """A store Transfer as the lifecycle's LastPass; an interrupted one reads as stopped (due again at once)."""
-    outcome = "stopped" if transfer.outcome == "interrupted" else transfer.outcome
+    """A store Transfer as the lifecycle's LastPass."""
+    # Interrupted (or, in a damaged store, unknown): neither success nor failure, so due again at once.
+    outcome = transfer.outcome if transfer.outcome in PASS_OUTCOMES else "stopped"
     finished = transfer.ended or transfer.started  # an imported interrupted pass has no end
+    return _last_pass_maker()(transfer.kind, transfer.started, finished, outcome, transfer.error)
+
+
+@functools.cache
+def _last_pass_maker():
+    """Return make(kind, started, finished, outcome, error): mxsync.lifecycle's LastPass if it exists, else ours.
+
+    Looked up once: a failed import searches sys.path, which for 10,000 EPNs took over a second.
+    """
     try:
         from mxsync.lifecycle import LastPass as LifecycleLastPass
         from mxsync.lifecycle import Outcome, PassKind
     except ImportError:
-        return LastPass(transfer.kind, transfer.started, finished, outcome, transfer.error)
-    return LifecycleLastPass(PassKind(transfer.kind), transfer.started, finished, Outcome(outcome), transfer.error)
+        return LastPass
+    return lambda kind, started, finished, outcome, error: LifecycleLastPass(
+        PassKind(kind), started, finished, Outcome(outcome), error
+    )

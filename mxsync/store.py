@@ -252,9 +252,11 @@ class Store:
     def _copy_in_memory(cls, path, busy_timeout):
         """The file copied into memory (migrated and imported into there), or a new store there if none."""
         memory = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        memory.text_factory = _lenient_text
         try:
             if path.exists():
                 source = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
+                source.text_factory = _lenient_text
                 try:
                     version = _probe(source, path)
                     source.backup(memory)
@@ -615,7 +617,10 @@ class Store:
 
     def get_note(self, name, default=None):
         rows = self._query("SELECT value FROM notes WHERE name = ?", (name,))
-        return json.loads(rows[0][0]) if rows else default
+        try:
+            return json.loads(rows[0][0]) if rows else default
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.path}: the note {name} is damaged; it is replaced when next saved") from None
 
     # ------------------------------------------------------------ importing the retired JSON files
 
@@ -643,7 +648,7 @@ class Store:
                         "INSERT INTO imports (file, sha256, imported_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                         (name, digest, _text(None)),
                     )
-            except (ValueError, _Unusable) as problem:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            except (ValueError, OverflowError, _Unusable) as problem:  # JSON and UTF-8 errors are ValueErrors
                 logger.warning(
                     "%s: cannot be imported into %s (%s); left in place: fix or remove it", source, self.path, problem
                 )
@@ -704,8 +709,14 @@ def _create(path):
 
 def _connect(path, busy_timeout):
     connection = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    connection.text_factory = _lenient_text
     connection.execute("PRAGMA foreign_keys = ON")
     return connection
+
+
+def _lenient_text(data):
+    """Text from the file as str: bytes that are not UTF-8 (a damaged page) never raise."""
+    return data.decode("utf-8", "replace")
 
 
 def _probe(connection, path):
@@ -717,6 +728,8 @@ def _probe(connection, path):
         if not _is_corrupt(error):
             raise
         raise _Corrupt(f"is not a usable database ({error})") from None
+    except UnicodeDecodeError:  # SQLite's own error message quoted the damaged bytes
+        raise _Corrupt("is not a usable database (its schema holds bytes that are not UTF-8)") from None
     if problems != [("ok",)]:
         raise _Corrupt(f"is damaged ({' '.join(str(problems[0][0]).split())})")
     if version > len(MIGRATIONS):
@@ -863,9 +876,9 @@ def _imported_time(value, where):
     """A time from an old JSON file: ISO 8601, naive meaning UTC (as epnalert reads them)."""
     try:
         moment = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
+        return _text(moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc))
+    except (TypeError, ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved to UTC
         raise _Unusable(f"{where} is not a time: {value!r}") from None
-    return _text(moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc))
 
 
 def _section(data, key):
@@ -881,7 +894,7 @@ def _entry(entries, name, key, field=None):
         raise _Unusable(f"{key}.{name} is not a mapping")
     if field is not None:
         failures = entry.get(field)
-        if not isinstance(failures, int) or isinstance(failures, bool):
+        if not isinstance(failures, int) or isinstance(failures, bool) or not 0 <= failures < 2**63:
             raise _Unusable(f"{key}.{name}.{field} is not a count")
     return entry
 

@@ -186,6 +186,17 @@ def test_ignore_yml_wins_a_reopened_epn_loses_its_passes_and_recorded_ones_their
     assert raw(tmp_path, "SELECT count(*) FROM transfers WHERE epn = '12282a'") == [(2,)]  # kept for the record
 
 
+def test_a_success_of_the_cycle_is_a_record_that_ignore_yml_can_take_back(tmp_path):
+    with History(tmp_path) as history:
+        history.epn_started("12282a")
+        history.epn_finished("12282a")  # the cycle calls it once the EPN is verified and in ignore.yml
+        assert history.reconcile({"12282a"}) == set()
+        assert history.reconcile(set()) == {"12282a"}  # removed by hand: synced again, from no pass at all
+        assert history.last_pass("12282a") is None
+    with Store.open(tmp_path) as store:
+        assert (store.state("12282a").state, store.state("12282a").reason) == ("final", "no longer in ignore.yml")
+
+
 # ---------------------------------------------------------------- the store unavailable or damaged
 
 

@@ -400,7 +400,7 @@ def damage_a_page(path):
         file.write(b"\x0d\xff\xff\xff" * (page_size // 4))
 
 
-@pytest.mark.parametrize("damage", ["not a database", "damaged page", "truncated"])
+@pytest.mark.parametrize("damage", ["not a database", "damaged page", "truncated", "schema not UTF-8"])
 def test_a_corrupt_database_is_moved_aside_and_a_fresh_one_built(tmp_path, caplog, damage):
     path = tmp_path / DB_NAME
     with Store.open(tmp_path) as store:
@@ -410,6 +410,10 @@ def test_a_corrupt_database_is_moved_aside_and_a_fresh_one_built(tmp_path, caplo
         path.write_bytes(b"previouslySynched:\n- 12282a\n" * 100)
     elif damage == "damaged page":
         damage_a_page(path)
+    elif damage == "schema not UTF-8":  # quick_check then quotes bytes that are not UTF-8 (found by tests/test_fuzz)
+        data = path.read_bytes()
+        at = data.index(b"sightings")
+        path.write_bytes(data[:at] + b"\x80" + data[at + 1 :])
     else:
         os.truncate(path, path.stat().st_size // 2)
     damaged = path.read_bytes()

@@ -451,7 +451,7 @@ def _store_problems(state):
             verdict = connection.execute("PRAGMA integrity_check").fetchall()
         finally:
             connection.close()
-    except sqlite3.Error as error:
+    except (sqlite3.Error, UnicodeDecodeError) as error:  # SQLite's error message may quote the damaged bytes
         return [f"the state store cannot be checked: {error}"]
     return [] if verdict == [("ok",)] else [f"the state store is not sound: {verdict[:3]}"]
 

@@ -400,7 +400,19 @@ def damage_a_page(path):
         file.write(b"\x0d\xff\xff\xff" * (page_size // 4))
 
 
-@pytest.mark.parametrize("damage", ["not a database", "damaged page", "truncated", "schema not UTF-8"])
+def swap_index_roots(path, first, second):
+    """Point two indexes at each other's b-tree, so that neither matches its table."""
+    connection = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        roots = dict(connection.execute("SELECT name, rootpage FROM sqlite_master WHERE type = 'index'").fetchall())
+        connection.execute("PRAGMA writable_schema = ON")
+        for name, other in ((first, second), (second, first)):
+            connection.execute("UPDATE sqlite_master SET rootpage = ? WHERE name = ?", (roots[other], name))
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("damage", ["not a database", "damaged page", "truncated", "schema not UTF-8", "index"])
 def test_a_corrupt_database_is_moved_aside_and_a_fresh_one_built(tmp_path, caplog, damage):
     path = tmp_path / DB_NAME
     with Store.open(tmp_path) as store:
@@ -410,7 +422,9 @@ def test_a_corrupt_database_is_moved_aside_and_a_fresh_one_built(tmp_path, caplo
         path.write_bytes(b"previouslySynched:\n- 12282a\n" * 100)
     elif damage == "damaged page":
         damage_a_page(path)
-    elif damage == "schema not UTF-8":  # quick_check then quotes bytes that are not UTF-8 (found by tests/test_fuzz)
+    elif damage == "index":  # indexes that do not match their tables: quick_check finds nothing (tests/test_fuzz did)
+        swap_index_roots(path, "sqlite_autoindex_epns_1", "transfers_of_epn")
+    elif damage == "schema not UTF-8":  # the check then quotes bytes that are not UTF-8 (found by tests/test_fuzz)
         data = path.read_bytes()
         at = data.index(b"sightings")
         path.write_bytes(data[:at] + b"\x80" + data[at + 1 :])

@@ -142,11 +142,11 @@ class History:
             token = self._running.pop(epn, None)
         outcome = "stopped" if stopped else "ok" if error is None else "failed"
         if token is not None:
-            self.pass_finished(token, outcome, error=error)
-        else:  # a failure before any transfer (refused, waiting too long)
-            self._epn_result(epn, outcome, error)
+            self._end_pass(token, outcome, error)
         if outcome == "ok":
             self.recorded(epn)
+        else:  # a failure (before any transfer too: refused, waiting too long) counts; a stop says nothing
+            self._epn_result(epn, outcome, error)
 
     def epn_waiting(self, epn, reason):
         """Note that the facility has no data for an EPN yet: not a failure, shown by `mxsync status`."""
@@ -193,18 +193,20 @@ class History:
         with self._lock:
             if self._running.get(token.epn) == token:
                 del self._running[token.epn]
+        self._end_pass(token, outcome, error, files=files, bytes_transferred=bytes_transferred)
+        if token.kind == "final":  # live passes copy growing data: their troubles are not the EPN's failures
+            self._epn_result(token.epn, outcome, error)
+
+    def _end_pass(self, token, outcome, error, **figures):
         if token.id is not None:
             self._call(
                 f"record the end of a pass of {token.epn}",
                 "transfer_finished",
                 token.id,
                 outcome,
-                files=files,
-                bytes_transferred=bytes_transferred,
                 error=error,
+                **figures,
             )
-        if token.kind == "final":  # live passes copy growing data: their troubles are not the EPN's failures
-            self._epn_result(token.epn, outcome, error)
 
     def last_pass(self, epn):
         """Return the EPN's most recent finished pass (mxsync.lifecycle.LastPass if that module exists), or None."""

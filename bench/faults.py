@@ -187,8 +187,24 @@ ROWS = [
         False,
     ),
     ("fuzz: mutated ignore.yml -> mxsync run --execute", [("ignore", fuzzing.ignore_texts)], "fuzz", False),
-    ("fuzz: mutated mxsync-state.json -> run --execute", [("history", fuzzing.history_texts)], "fuzz", False),
-    ("fuzz: mutated epnalert-state.json -> epnalert", [("alert", fuzzing.epnalert_state_texts)], "fuzz", False),
+    (
+        "fuzz: mutated mxsync-state.json on a first start -> run --execute (imported, or kept with a warning)",
+        [("history", fuzzing.history_texts)],
+        "fuzz",
+        False,
+    ),
+    (
+        "fuzz: mutated epnalert-state.json on a first start -> epnalert (imported, or kept with a warning)",
+        [("alert", fuzzing.epnalert_state_texts)],
+        "fuzz",
+        False,
+    ),
+    (
+        "fuzz: damaged mxsync.db -> run --execute (moved aside and rebuilt, or kept and reported)",
+        [("store", fuzzing.store_damages)],
+        "fuzz",
+        False,
+    ),
 ]
 
 _BASE = {}
@@ -275,6 +291,8 @@ def run_fuzz(tally, target, strategy, examples, workdir):
                     problems = fuzzing.run_config(sandbox, value)
                 elif target == "ignore":
                     problems = fuzzing.run_state(sandbox, ignore_text=value)
+                elif target == "store":
+                    problems = fuzzing.run_store(sandbox, value)
                 else:
                     problems = fuzzing.run_state(sandbox, history_text=value)
         for problem in problems:

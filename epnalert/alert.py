@@ -1,8 +1,8 @@
 """What the alert is about and when it goes out: unknown EPNs, what is new since the previous alert, the run.
 
 An EPN is *unknown* when it is on SFTP or booked on the portal and its number is not in
-epn_cap_map. The state file remembers the EPNs of the last alert sent, so that the next one can
-mark what is new; it changes only after a successful send, never in a dry run.
+epn_cap_map. The state store (shared with mxsync) remembers the EPNs of the last alert sent, so that
+the next one can mark what is new; it changes only after a successful send, never in a dry run.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
-from mxsync.errors import MailError, MxsyncError, StateFileError
+from mxsync.errors import MailError, MxsyncError, StateFileError, StoreError
 from mxsync.logsetup import FILE_ONLY
 from mxsync.names import epn_number
 
@@ -24,8 +24,8 @@ logger = logging.getLogger("epnalert")
 email_logger = logging.getLogger("epnalert.email")
 
 SUBJECT = "Unknown ownership of EPNs"
-STATE_FILE_NAME = "epnalert-state.json"
-STATE_VERSION = 1
+STATE_FILE_NAME = "epnalert-state.json"  # retired: imported into the state store once
+ALERT_KIND = "unknown-epn"  # its rows in the store's alerts table
 # A repeat may come this much early (capped at a tenth of the period): cron's daily 01:00 run
 # starts a few seconds earlier or later each day, and "every 7 days" must still mean weekly.
 REPEAT_SLACK = timedelta(hours=1)
@@ -187,59 +187,76 @@ def decide(alert, last_sent, now, only_new=False, repeat_days=0.0):
     )
 
 
-# ---------------------------------------------------------------- the state file
+# ---------------------------------------------------------------- the state store
 
 
 @dataclass
 class Previous:
-    """What the state file says about the last alert sent."""
+    """What the state store says about the last alert sent."""
 
     sent_at: datetime | None = None
     epns: dict = field(default_factory=dict)  # EPN -> first alerted (aware datetime)
 
 
 class AlertHistory:
-    """`<state-dir>/epnalert-state.json`: the last alert sent and the EPNs it listed, with when each was first alerted."""
+    """The last alert sent and the EPNs it listed, with when each was first alerted, in `<state-dir>/mxsync.db`.
 
-    def __init__(self, path):
-        from mxsync.state import JsonStore
+    Every alert is a row per EPN in the store's alerts table; a note keeps what the next alert needs.
+    A dry run reads a copy in memory and writes nothing.
+    """
 
-        self.path = path
-        self._store = JsonStore(path, "epnalert state")
+    def __init__(self, state_dir, dry_run=False):
+        from mxsync.store import DB_NAME
+
+        self.state_dir = state_dir
+        self.path = state_dir / DB_NAME
+        self.dry_run = dry_run
+        self._store = None
 
     def load(self):
-        data = self._store.load()
-        if not data:
+        """Open the store (importing epnalert-state.json once) and return the Previous alert; raise StoreError."""
+        from mxsync.store import EPNALERT_NOTE, Store
+
+        if self._store is None:
+            self._store = Store.open(self.state_dir, dry_run=self.dry_run)
+        note = self._store.get_note(EPNALERT_NOTE)
+        if not note:
             return Previous()
         try:
-            sent_at = _parse_time(data["last_sent"]) if data.get("last_sent") else None
-            epns = {str(epn): _parse_time(entry["first_alerted"]) for epn, entry in data.get("epns", {}).items()}
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            sent_at = _parse_time(note["last_sent"]) if note.get("last_sent") else None
+            epns = {str(epn): _parse_time(first) for epn, first in note.get("epns", {}).items()}
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as error:
             raise StateFileError(
-                f"{self.path}: the epnalert state is not in the expected form ({type(error).__name__}: {error}); "
-                "move it aside to start afresh (every unknown EPN will then be marked new once)"
+                f"{self.path}: epnalert's note of the last alert is not in the expected form "
+                f"({type(error).__name__}: {error}); every unknown EPN is marked new until an alert is sent"
             ) from None
         return Previous(sent_at=sent_at, epns=epns)
 
     def record(self, alert, previous, sent_at, recipients, keep_unseen=False):
         """Remember the alert just sent; with keep_unseen (a source failed) EPNs not seen this time stay remembered."""
+        from mxsync.store import EPNALERT_NOTE, Store
+
         epns = {}
         if keep_unseen:
-            epns.update({epn: {"first_alerted": first.isoformat()} for epn, first in previous.epns.items()})
+            epns.update({epn: first.isoformat() for epn, first in previous.epns.items()})
         for item in alert.unknown:
-            first = item.first_alerted or sent_at
-            epns[item.epn] = {
-                "first_alerted": first.isoformat(),
-                "last_alerted": sent_at.isoformat(),
-            }
-        self._store.save(
-            {
-                "version": STATE_VERSION,
-                "last_sent": sent_at.isoformat(),
-                "last_recipients": list(recipients),
-                "epns": epns,
-            }
+            epns[item.epn] = (item.first_alerted or sent_at).isoformat()
+        note = {"last_sent": sent_at.isoformat(), "last_recipients": list(recipients), "epns": epns}
+        if self._store is None:
+            self._store = Store.open(self.state_dir, dry_run=self.dry_run)
+        self._store.alert_sent(
+            ALERT_KIND,
+            [item.epn for item in alert.unknown],
+            recipients=len(recipients),
+            subject=SUBJECT,
+            when=sent_at,
+            note=(EPNALERT_NOTE, note),
         )
+
+    def close(self):
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
 
 def _parse_time(text):
@@ -253,17 +270,24 @@ def _parse_time(text):
 
 def run_alert(config, dry_run=False, now=None):
     """Gather, decide, render and send (or print, in a dry run); return the exit code."""
+    now = now or datetime.now(UTC)
+    history = AlertHistory(config.state_dir, dry_run=dry_run)
+    try:
+        return _run_alert(config, dry_run, now, history)
+    finally:
+        history.close()
+
+
+def _run_alert(config, dry_run, now, history):
     from epnalert.sources import gather
 
-    now = now or datetime.now(UTC)
-    history = AlertHistory(config.state_dir / STATE_FILE_NAME)
     try:
         previous, state_problem = history.load(), None
-    except StateFileError as error:
-        # The alert matters more than its bookkeeping: send it with everything marked new, keep the file, fail after.
+    except (StoreError, StateFileError) as error:
+        # The alert matters more than its bookkeeping: send it with everything marked new, record nothing, fail after.
         previous, state_problem = Previous(), error
         logger.error(
-            "%s; alerting with every EPN marked new, the file is left as it is",
+            "%s; alerting with every EPN marked new, the state store is left as it is",
             error,
             extra=FILE_ONLY,
         )
@@ -307,8 +331,8 @@ def run_alert(config, dry_run=False, now=None):
                     config.email_to,
                     keep_unseen=bool(alert.failed_sources),
                 )
-            except OSError as error:
-                raise StateFileError(f"the alert was sent, but {history.path} could not be updated: {error}") from None
+            except StoreError as error:
+                raise StoreError(f"the alert was sent, but it could not be recorded: {error}") from None
     if state_problem is not None:
         raise state_problem
     return 0

@@ -64,3 +64,7 @@ class DestinationError(MxsyncError):
 
 class UnsafeNameError(MxsyncError):
     """A name from the portal, SFTP or config would not be a safe path component."""
+
+
+class StoreError(MxsyncError):
+    """The state store (<state-dir>/mxsync.db) cannot be opened or written; the caller decides whether to go on."""

@@ -88,21 +88,15 @@ class HistoryListener:
         history = self.history
         if isinstance(event, PassStarted):
             self._passes[event.epn] = history.pass_started(event.epn, event.kind)
-            if event.kind == "final":
-                history.epn_started(event.epn)
         elif isinstance(event, PassEnded):
+            # A final pass's end also counts for the EPN's failures (or clears them); a live pass's never does.
             token = self._passes.pop(event.epn, None)
             if token is not None:
                 history.pass_finished(token, event.outcome, event.message)
-            if event.outcome == "no-data":
-                history.epn_waiting(event.epn, event.message)
             elif event.outcome == "failed" and event.alert:
                 history.epn_finished(event.epn, error=event.message)
-            elif event.outcome == "stopped" and event.kind == "final":
-                history.epn_finished(event.epn, stopped=True)
         elif isinstance(event, Recorded):
             history.recorded(event.epn)
-            history.epn_finished(event.epn)
         elif isinstance(event, EpnFailed):
             history.epn_finished(event.epn, error=event.message)
         elif isinstance(event, SourceChecked):

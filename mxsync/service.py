@@ -272,33 +272,34 @@ def run_cycle(config, execute, stop, notifier, config_problem=None, retry_now=Fa
 
     `retry_now` (a run by hand, --once) tries failed and waiting EPNs now rather than after their retry delay."""
     activity = Activity()
-    history = History(config.state_dir, read_only=not execute)
-    if execute:
-        history.source_result("config", config_problem)
-    cycle = SyncCycle(
-        config,
-        PortalClient(config),
-        RsyncRunner(config, dry_run=not execute),
-        IgnoreFile(config.ignore_file),
-        history,
-        execute,
-        stop,
-        activity,
-        retry_now=retry_now,
-        catalogue=catalogue,
-    )
-    reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
-    reporter.start()
-    try:
-        outcome = cycle.run()
-    finally:
-        reporter.stop()
+    with History(config.state_dir, read_only=not execute) as history:
+        if execute:
+            history.source_result("config", config_problem)
+        cycle = SyncCycle(
+            config,
+            PortalClient(config),
+            RsyncRunner(config, dry_run=not execute),
+            IgnoreFile(config.ignore_file),
+            history,
+            execute,
+            stop,
+            activity,
+            retry_now=retry_now,
+            catalogue=catalogue,
+        )
+        reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
+        reporter.start()
+        try:
+            outcome = cycle.run()
+        finally:
+            reporter.stop()
     level = logging.INFO if outcome.ok else logging.WARNING
     logger.log(
         level,
-        "Cycle finished: %d planned, %d synced, %d failed%s%s%s",
+        "Cycle finished: %d planned, %d synced, %s%d failed%s%s%s",
         outcome.planned,
         len(outcome.synced),
+        f"{len(outcome.live)} copied live, " if outcome.live else "",
         len(outcome.failed),
         f", {len(outcome.waiting)} waiting for data" if outcome.waiting else "",
         f", {len(outcome.stopped)} stopped" if outcome.stopped else "",

@@ -43,31 +43,32 @@ def collect_status(config):
     except StateFileError as error:
         synced = set()
         notes.append(f"ignore.yml cannot be read, so no EPN shows as synced: {error}")
-    view = History(config.state_dir, read_only=True)  # a damaged file is ignored here, never moved
-    history = view.data
-    if view.problem:
-        notes.append(view.problem)
     lock = InstanceLock(config.state_dir / LOCK_FILE_NAME)
     service_running = lock.is_held_elsewhere()
     running = _running_transfers(config) if service_running else {}
-
     portal_error = None
-    try:
-        states, visits, following = _plan_states(config, synced, view, notes)
-    except PortalError as error:
-        states, visits, following, portal_error = {}, {}, {}, str(error)
+    # A copy of the store in memory: a damaged one is reported here, never moved aside.
+    with History(config.state_dir, read_only=True) as view:
+        failing, waiting_for_data = view.failing_epns(), view.waiting_epns()
+        sources, last = view.failing_sources(), view.last_cycle()
+        try:
+            states, visits, following = _plan_states(config, synced, view, notes)
+        except PortalError as error:
+            states, visits, following, portal_error = {}, {}, {}, str(error)
+    if view.problem:
+        notes.append(view.problem)
     # Without the portal, what the history knows still shows.
-    for epn in history["epns"]:
+    for epn in failing:
         states.setdefault(epn, "failed")
-    for epn in history.get("waiting", {}):
+    for epn in waiting_for_data:
         states.setdefault(epn, "waiting")
     for epn in running:
         states[epn] = "running"
 
     rows = []
     for epn, state in states.items():
-        failure = history["epns"].get(epn) or {}
-        waiting = history.get("waiting", {}).get(epn) or {}
+        failure = failing.get(epn) or {}
+        waiting = waiting_for_data.get(epn) or {}
         visit = visits.get(epn)
         rows.append(
             {
@@ -83,15 +84,14 @@ def collect_status(config):
     rows.sort(key=lambda row: (STATES.index(row["state"]), row["epn"]))
     if service_running:
         notes.append(f"an mxsync service holds the lock: {_lock_holder(lock)}")
-    last = history.get("last_cycle")
-    if isinstance(last, dict):
+    if last is not None:
         notes.append(
             f"last cycle finished {last.get('finished', '?')}: {last.get('synced', 0)} synced, "
             f"{len(last.get('failed') or [])} failed, {len(last.get('waiting') or [])} waiting for data"
         )
     notes += [
         f"source {name}: failing for {entry['failures']} cycle(s): {entry.get('last_error')}"
-        for name, entry in history["sources"].items()
+        for name, entry in sources.items()
     ]
     return rows, notes, running, portal_error
 

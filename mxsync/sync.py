@@ -232,8 +232,7 @@ class SyncCycle:
         """Place each candidate in its lifecycle; record what was verified before; return the passes due now."""
         now = datetime.now(timezone.utc)
         if self.execute:
-            for epn in self.history.reconcile(synced):
-                logger.info("%s: no longer in %s (removed by hand): it is synced again", epn, self.ignore.path.name)
+            self.history.reconcile(synced)  # ignore.yml wins: an EPN removed by hand is synced again (logged there)
         candidates = {candidate.epn: candidate for candidate in plan.candidates}
         entries = self._assess(plan, now)
         for entry in entries:

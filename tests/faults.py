@@ -23,6 +23,7 @@ import re
 import shlex
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -621,24 +622,33 @@ def signal_tool(process, signal_number, group):
             os.kill(process.pid, signal_number)
 
 
-def failure_entries(config_path):
-    """Return {name: entry} of every EPN and source mxsync-state.json counts a failure against."""
-    path = ignore_path(config_path).parent / "mxsync-state.json"
+def store_rows(config_path, sql, parameters=()):
+    """Rows of a query on the state store (<state-dir>/mxsync.db), read-only with plain sqlite3; [] if there is none."""
+    path = ignore_path(config_path).parent / "mxsync.db"
     if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
+        return []
+    connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
+        return connection.execute(sql, parameters).fetchall()
+    finally:
+        connection.close()
+
+
+def failure_entries(config_path):
+    """Return {name: entry} of every EPN and source the state store counts a failure against."""
+    epns = store_rows(config_path, "SELECT epn, failures, last_error FROM epns WHERE failures > 0")
+    sources = store_rows(config_path, "SELECT name, failures, last_error FROM sources WHERE failures > 0")
     return {
-        f"{section} {name}": entry
-        for section in ("epns", "sources")
-        for name, entry in (data.get(section) or {}).items()
-        if isinstance(entry, dict) and entry.get("failures")
+        f"{section} {name}": {"failures": failures, "last_error": error}
+        for section, rows in (("epns", epns), ("sources", sources))
+        for name, failures, error in rows
     }
 
 
 def last_cycle(config_path):
-    """The summary of the last cycle in mxsync-state.json ({} if none): planned, synced, failed, stopped, waiting."""
-    path = ignore_path(config_path).parent / "mxsync-state.json"
-    return json.loads(path.read_text()).get("last_cycle") or {} if path.exists() else {}
+    """The summary of the last cycle in the state store ({} if none): planned, synced, failed, stopped, waiting."""
+    rows = store_rows(config_path, "SELECT value FROM notes WHERE name = 'last_cycle'")
+    return json.loads(rows[0][0]) if rows else {}
 
 
 def record_in_flight(ignore):

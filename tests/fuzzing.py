@@ -1,10 +1,12 @@
 """Mutated configs and state files for the property tests (tests/test_fuzz.py) and bench/faults.py.
 
 A sandbox directory holds a valid config.yml (portal and SMTP on closed loopback ports, so every
-run fails fast without touching a network), ignore.yml and mxsync-state.json. Strategies mutate
-them; the properties run the real command lines in-process and check what promise 4 asks: an exit
-code in {0, 1, 2}, never a traceback, on error only `mxsync: error:` lines, and a state file that
-could not be used left byte for byte as it was.
+run fails fast without touching a network), ignore.yml and a state store (mxsync.db). Strategies mutate
+them, or put a mutated retired JSON file (mxsync-state.json, epnalert-state.json) beside them as on a
+first start; the properties run the real command lines in-process and check what promise 4 asks: an
+exit code in {0, 1, 2}, never a traceback, on error only `mxsync: error:` lines, and a state file that
+could not be used left byte for byte as it was (a JSON file that cannot be imported left in place with a
+warning; a corrupt store moved aside, byte for byte, and a fresh one built).
 
 Path-valued keys only ever get values from PATHS, all inside the sandbox or impossible to create, so
 that a mutated config never makes a run (as root) write elsewhere; delays only get small values.
@@ -13,12 +15,14 @@ that a mutated config never makes a run (as root) write elsewhere; delays only g
 import contextlib
 import json
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 
 import yaml
 from hypothesis import strategies as st
 
+from mxsync.store import DB_NAME, Store
 from tests.faults import closed_port, mxsync_main
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -160,11 +164,12 @@ def make_sandbox(directory):
     }
     write_config(directory, config)
     (directory / "state" / "ignore.yml").write_text("previouslySynched:\n- 12282a\n- 99999b\n")
-    (directory / "state" / "mxsync-state.json").write_text(
-        json.dumps(
-            {"epns": {"12282z": {"failures": 2, "alerted": False, "last_error": "x"}}, "sources": {}, "running": {}}
-        )
-    )
+    with Store.open(directory / "state") as store:  # an install's store: a failing EPN, a verified one, a cycle
+        for _ in range(2):
+            store.set_state("12282z", "failed", error="rsync exit 12")
+        store.transfer_finished(store.transfer_started("12282a", "final"), "ok", files=3, bytes_transferred=4096)
+        store.set_state("12282a", "recorded", clear_failures=True)
+        store.set_note("last_cycle", {"planned": 1, "synced": 1, "failed": [], "stopped": [], "waiting": []})
     return config
 
 
@@ -332,7 +337,8 @@ def ignore_texts():
 
 
 def history_texts():
-    """mxsync-state.json contents: the real shape with odd values in it, random JSON, and broken JSON."""
+    """mxsync-state.json contents as a first start may find them: the real shape with odd values in it, random JSON,
+    and broken JSON."""
     entry = st.one_of(
         st.fixed_dictionaries(
             {"failures": values(), "alerted": values()}, optional={"last_error": values(), "since": values()}
@@ -349,6 +355,30 @@ def history_texts():
         st.sampled_from(["", "{", '{"epns": {"12282a": {"failures": 1}}', "null", "[]", '{"epns": NaN}']),
         st.binary(max_size=60),
     )
+
+
+def store_damages():
+    """Ways to damage the sandbox's state store: (kind, where in the file as a fraction, bytes)."""
+    kinds = ["truncate", "overwrite", "zero a page", "header", "garbage", "empty"]
+    return st.tuples(st.sampled_from(kinds), st.floats(0, 1), st.binary(min_size=1, max_size=64))
+
+
+def damage(data, how):
+    """Given a database file's bytes and a store_damages() value, return the damaged bytes."""
+    kind, where, chunk = how
+    position = min(int(where * len(data)), len(data))
+    if kind == "truncate":
+        return data[:position]
+    if kind == "header":  # the first 100 bytes: page size, versions, schema cookie, user_version (at 60)
+        position = int(where * 99)
+    if kind in ("overwrite", "header"):
+        return data[:position] + chunk + data[position + len(chunk) :]
+    if kind == "zero a page":
+        start = position // 4096 * 4096
+        return data[:start] + bytes(len(data[start : start + 4096])) + data[start + 4096 :]
+    if kind == "garbage":
+        return (chunk * (4096 // len(chunk) + 1))[:4096]
+    return b""
 
 
 # ---------------------------------------------------------------- the properties
@@ -376,8 +406,9 @@ def run_config(sandbox, config):
 
 
 def run_state(sandbox, ignore_text=None, history_text=None):
-    """`mxsync --config C --execute --once` with the given ignore.yml and mxsync-state.json: exit 1 (the portal is
-    down) or 2 with error lines; ignore.yml never rewritten; a history that stops the run left as it was."""
+    """`mxsync --config C --execute --once` with the given ignore.yml, or a mxsync-state.json left by the old mxsync:
+    exit 1 (the portal is down) or 2 with error lines; ignore.yml never rewritten; the JSON file imported (renamed
+    <name>.imported, byte for byte) or left in place with a warning naming it; the store sound."""
     state = Path(sandbox) / "state"
     for name, text in (("ignore.yml", ignore_text), ("mxsync-state.json", history_text)):
         if text is not None:
@@ -388,12 +419,77 @@ def run_state(sandbox, ignore_text=None, history_text=None):
     problems = _common_problems(result, before, after, allowed=(1, 2), state_may_change=result.returncode != 2)
     if after.get("ignore.yml") != before.get("ignore.yml"):
         problems.append("ignore.yml was rewritten although nothing was synced")
-    if result.returncode == 1 and "mxsync-state.json" in after:
+    if history_text is not None:
+        problems += _retired_file_problems(state / "mxsync-state.json", before, result)
+    problems += _store_problems(state)
+    return problems
+
+
+def _retired_file_problems(path, before, result):
+    """A retired JSON file is imported and renamed <name>.imported, or left in place with a warning; never changed."""
+    imported = path.with_name(path.name + ".imported")
+    if path.exists():
+        if path.read_bytes() != before[path.name]:
+            return [f"{path.name} was changed"]
+        if result.returncode != 2 and f"{path}: cannot be imported" not in result.stderr:
+            return [f"{path.name} was neither imported nor warned about: {result.stderr[-300:]!r}"]
+        return []
+    if not imported.exists() or imported.read_bytes() != before[path.name]:
+        return [f"{path.name} is gone, and not as {imported.name} byte for byte"]
+    return []
+
+
+def _store_problems(state):
+    """The state store, if there is one, passes SQLite's integrity check."""
+    path = state / DB_NAME
+    if not path.exists():
+        return []
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        connection.text_factory = lambda data: data.decode("utf-8", "replace")  # it may quote a damaged page
         try:
-            data = json.loads(after["mxsync-state.json"])
-            assert isinstance(data, dict) and isinstance(data.get("epns"), dict)
-        except (ValueError, AssertionError):
-            problems.append("the history written after the run is not a usable JSON object")
+            verdict = connection.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            connection.close()
+    except (sqlite3.Error, UnicodeDecodeError) as error:  # SQLite's error message may quote the damaged bytes
+        return [f"the state store cannot be checked: {error}"]
+    return [] if verdict == [("ok",)] else [f"the state store is not sound: {verdict[:3]}"]
+
+
+def run_store(sandbox, how):
+    """`mxsync --config C --execute --once` on a damaged state store: exit 1 (the portal is down) or 2 with error
+    lines, never a traceback; ignore.yml never rewritten; a corrupt store moved aside byte for byte with a warning and
+    a sound one built, which ignore.yml then fills (History.reconcile); an unusable one left byte for byte."""
+    from mxsync.history import History
+    from mxsync.state import IgnoreFile
+
+    state = Path(sandbox) / "state"
+    path = state / DB_NAME
+    damaged = damage(path.read_bytes(), how)
+    path.write_bytes(damaged)
+    before = _state_bytes(sandbox)
+    result = mxsync_main(["--config", Path(sandbox) / "config.yml", "--execute", "--once"])
+    problems = _common_problems(result, before, _state_bytes(sandbox), allowed=(1, 2), state_may_change=True)
+    if (state / "ignore.yml").read_bytes() != before["ignore.yml"]:
+        problems.append("ignore.yml was rewritten although nothing was synced")
+    aside = [entry for entry in state.glob(DB_NAME + ".corrupt-*") if not entry.name.endswith(("-wal", "-shm"))]
+    unsound = _store_problems(state)
+    if len(aside) > 1:
+        problems.append(f"moved aside more than once: {sorted(entry.name for entry in aside)}")
+    elif aside:
+        if aside[0].read_bytes() != damaged:
+            problems.append("the store moved aside is not the damaged file byte for byte")
+        if result.stderr.count("moved it to") != 1:
+            problems.append(f"moved aside without one warning: {result.stderr[-300:]!r}")
+        problems += unsound  # the fresh one
+    elif unsound and (path.read_bytes() != damaged or "state store" not in result.stderr):
+        problems.append(f"a damaged store was neither moved aside nor left as it was and reported: {unsound}")
+    if aside:  # the caller reconciles a rebuilt store with ignore.yml, which wins
+        with History(state) as history:
+            history.reconcile(IgnoreFile(state / "ignore.yml").load())
+        with Store.open(state) as store:
+            if {epn for epn, entry in store.states().items() if entry.state == "recorded"} != {"12282a", "99999b"}:
+                problems.append("the rebuilt store does not hold ignore.yml's record")
     return problems
 
 
@@ -415,10 +511,15 @@ def _common_problems(result, before, after, allowed, state_may_change=False):
 
 
 def _state_bytes(sandbox):
+    """{name: bytes} of the state files, less locks and what SQLite may leave beside a database it only read: its
+    -shm (shared memory) and an empty -wal."""
     state = Path(sandbox) / "state"
-    return {
-        path.name: path.read_bytes() for path in state.iterdir() if path.is_file() and not path.name.endswith(".lock")
+    files = {
+        path.name: path.read_bytes()
+        for path in state.iterdir()
+        if path.is_file() and not path.name.endswith((".lock", "-shm"))
     }
+    return {name: data for name, data in files.items() if data or not name.endswith("-wal")}
 
 
 def epnalert_state_texts():
@@ -447,27 +548,23 @@ def epnalert_state_texts():
 
 
 def run_epnalert_state(config_path, text):
-    """`epnalert --config C` with the given epnalert-state.json: exit 0, or 2 (the alert still sent) with only
-    error lines and the state file as it was; never a traceback."""
+    """`epnalert --config C` with a given epnalert-state.json left by the old epnalert on a first start: exit 0, the
+    alert sent; the file imported (renamed .imported, byte for byte) or left in place with a warning; never a
+    traceback; the store sound."""
     from epnalert.cli import main as epnalert_main
     from tests.faults import run_in_process
 
     config = yaml.safe_load(Path(config_path).read_text())
-    state = Path(config["ignore"]).parent / "epnalert-state.json"
-    state.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
-    before = state.read_bytes()
+    state = Path(config["ignore"]).parent
+    path = state / "epnalert-state.json"
+    for leftover in state.glob("epnalert-state.json*"):  # an earlier example's, imported or not
+        leftover.unlink()
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    before = {path.name: path.read_bytes()}
     result = run_in_process(epnalert_main, ["--config", config_path])
     problems = []
-    if result.returncode not in (0, 2):
+    if result.returncode != 0:
         problems.append(f"exit {result.returncode!r}: {result.stderr[-300:]!r}")
     if TRACEBACK in result.stdout + result.stderr:
         problems.append("traceback: " + (result.stdout + result.stderr).split(TRACEBACK, 1)[1][-700:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("epnalert: error: ")]
-    if result.returncode == 2 and (len(errors) != 1 or state.read_bytes() != before):
-        problems.append(f"exit 2 but not one error line and an untouched file: {result.stderr[:300]!r}")
-    if result.returncode == 0:
-        try:
-            assert isinstance(json.loads(state.read_bytes()), dict)
-        except (ValueError, AssertionError):
-            problems.append("the state written after a good run is not a JSON object")
-    return problems
+    return problems + _retired_file_problems(path, before, result) + _store_problems(state)

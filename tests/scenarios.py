@@ -5,7 +5,6 @@ fault for real, checks the promises into the Tally and returns nothing. See test
 """
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -424,8 +423,8 @@ def portal_fault(kind):
         _expect_status_without_portal(tally, status, expected)
         tally.expect("12282a: started" not in log_text(facility), "a transfer started without the portal")
         tally.expect(recorded(config) == set(), "something recorded without the portal")
-        state = json.loads((ignore_path(config).parent / "mxsync-state.json").read_text())
-        tally.expect(state["sources"].get("portal", {}).get("failures") == 1, "the portal failure is not counted")
+        portal = failure_entries(config).get("sources portal", {})
+        tally.expect(portal.get("failures") == 1, "the portal failure is not counted")
         tally.expect(
             wait_for(lambda: facility.smtp.messages, timeout=10) and "portal" in subjects(facility)[0],
             "no alert about the portal",
@@ -1234,7 +1233,7 @@ def _expect_a_stop(tally, facility, config, result, name, connection_dirs):
     tally.expect(f"mxsync stopped: {name} received" in log, f"the log does not say mxsync stopped on {name}")
     failed = [line for line in log.splitlines() if "FAILED" in line]
     tally.expect(not failed, f"a stop logged as a failure: {failed[:2]}")
-    tally.expect(not failure_entries(config), f"mxsync-state.json counts failures: {sorted(failure_entries(config))}")
+    tally.expect(not failure_entries(config), f"the state store counts failures: {sorted(failure_entries(config))}")
     tally.expect(not facility.smtp.messages, f"alert sent after a stop: {subjects(facility)}")
     left = tools_gone(facility)
     tally.expect(not left, f"left running after {name}: {sorted(left.values())[:3]}")
@@ -1346,7 +1345,7 @@ def _sigint_after_last_record(facility, tally, rng, group):
     process = start_tool(MXSYNC, "--config", config, "--execute", "--once")
     tally.expect(wait_for(log_has(facility, ": started,"), process), "no transfer started")
     connection_dirs, masters = _shared_connection_dirs(facility), list(control_masters(facility))
-    history = ignore.with_name("mxsync-state.json")
+    log = ignore.with_name("mxsync.db-wal")  # the state store's log: every write of the history appends to it
     records, last = 0, inode(ignore)
     while process.poll() is None and records < len(epns):
         now = inode(ignore)
@@ -1355,8 +1354,8 @@ def _sigint_after_last_record(facility, tally, rng, group):
         time.sleep(0.0002)
     # After the last record mxsync saves that EPN's history, then closes the shared connection: signal in between,
     # with the master connection slow to exit (stopped for a moment, as on a loaded machine).
-    saved = inode(history)
-    while process.poll() is None and inode(history) == saved:
+    saved = _signature(log)
+    while process.poll() is None and _signature(log) == saved:
         time.sleep(0.0002)
     for pid in masters:
         with contextlib.suppress(ProcessLookupError):
@@ -1376,6 +1375,15 @@ def _sigint_after_last_record(facility, tally, rng, group):
     _expect_a_stop(tally, facility, config, result, "SIGINT", connection_dirs)
     check_everything(tally, facility, config, result)
     _expect_next_pass_completes(tally, facility, config, set(epns), result)
+
+
+def _signature(path):
+    """What changes whenever a file is written to: its modification time and size (None if it is not there)."""
+    try:
+        details = path.stat()
+    except OSError:
+        return None
+    return details.st_mtime_ns, details.st_size
 
 
 def _sigint_mid_connect(facility, tally, rng, group):

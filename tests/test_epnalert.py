@@ -6,6 +6,7 @@ A few fast tests of the pure logic (unknown EPNs, what is new, when to send, tex
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from epnalert.render import (
 )
 from mxsync.errors import MailError
 from mxsync.portal import Person, Visit
+from mxsync.store import EPNALERT_NOTE
 
 EPNALERT = Path(sys.executable).with_name("epnalert")
 LEGACY_TEMPLATES = Path(__file__).parent / "data" / "legacy-templates"
@@ -297,8 +299,29 @@ def text_entries(text):
     return {epn: "\n".join(lines) for epn, lines in entries.items()}
 
 
-def state_file(facility):
-    return facility.workdir / "state" / "epnalert-state.json"
+def store_file(facility):
+    return facility.workdir / "state" / "mxsync.db"
+
+
+def store_rows(facility, sql, parameters=()):
+    """Rows of a query on the state store, with plain sqlite3 ([] if there is no store)."""
+    if not store_file(facility).exists():
+        return []
+    connection = sqlite3.connect(str(store_file(facility)), isolation_level=None)
+    try:
+        return connection.execute(sql, parameters).fetchall()
+    finally:
+        connection.close()
+
+
+def alert_note(facility):
+    """What epnalert remembers of the last alert sent ({last_sent, last_recipients, epns}), or None if nothing."""
+    rows = store_rows(facility, "SELECT value FROM notes WHERE name = ?", (EPNALERT_NOTE,))
+    return json.loads(rows[0][0]) if rows else None
+
+
+def alerts_sent(facility):
+    return store_rows(facility, "SELECT key, sent_at, recipients, subject FROM alerts WHERE kind = 'unknown-epn'")
 
 
 def log_text(facility):
@@ -406,7 +429,12 @@ def test_alert_lists_each_unknown_epn_with_its_visit(facility):
     assert "staff@hpc.example.org" in line and SUBJECT in line and "250" in line
     assert all(epn in line for epn in rows)
     assert "lost+found" in log_text(facility)
-    assert set(json.loads(state_file(facility).read_text())["epns"]) == set(rows)
+    note = alert_note(facility)
+    assert set(note["epns"]) == set(rows) and note["last_recipients"] == ["staff@hpc.example.org"]
+    assert {(key, sent_at, recipients, subject) for key, sent_at, recipients, subject in alerts_sent(facility)} == {
+        (epn, datetime.fromisoformat(note["last_sent"]).astimezone(UTC).isoformat(timespec="microseconds"), 1, SUBJECT)
+        for epn in rows
+    }
     assert "WARNING" not in result.stderr  # suspicious names went out in the email, not as cron mail
 
 
@@ -414,29 +442,28 @@ def test_second_run_marks_nothing_new_and_a_later_epn_is_new(facility):
     populate(facility)
     config = facility.write_config()
     ok(run_epnalert(config))
-    first_state = json.loads(state_file(facility).read_text())
+    first_state = alert_note(facility)
     ok(run_epnalert(config))
     facility.add_experiment("mx", "20009a", frames=1, small_files=0)
     ok(run_epnalert(config))
 
     _, second, third = (bodies(received) for received in facility.smtp.wait_for(3))
     assert {epn: row["New"] for epn, row in table_rows(second[1]).items()} == {
-        epn: f"since {datetime.fromisoformat(entry['first_alerted']).astimezone().date()}"
-        for epn, entry in first_state["epns"].items()
+        epn: f"since {datetime.fromisoformat(first).astimezone().date()}" for epn, first in first_state["epns"].items()
     }
     assert not any(block.startswith("NEW") for block in text_entries(second[0]).values())
     third_rows = table_rows(third[1])
     assert [epn for epn, row in third_rows.items() if row["New"] == "NEW"] == ["20009a"]
     assert [epn for epn, block in text_entries(third[0]).items() if block.startswith("NEW")] == ["20009a"]
     assert "1 is new since the previous alert" in third[0]
-    state = json.loads(state_file(facility).read_text())
-    assert state["epns"]["20001a"]["first_alerted"] == first_state["epns"]["20001a"]["first_alerted"]
+    assert alert_note(facility)["epns"]["20001a"] == first_state["epns"]["20001a"]
+    assert len(alerts_sent(facility)) == 3 * 4 + 1  # a row per EPN per alert
 
 
 def test_no_unknown_epns_no_email(facility):
     facility.add_experiment("mx", "12282a", equipment_id=23, frames=1, small_files=0)
     result = ok(run_epnalert(facility.write_config()))
-    assert facility.smtp.messages == [] and not state_file(facility).exists()
+    assert facility.smtp.messages == [] and alert_note(facility) is None and alerts_sent(facility) == []
     assert re.search(
         r" - epnalert - INFO:\d+: 0 unknown EPNs .*no email \(no unknown EPNs\)",
         log_text(facility),
@@ -448,17 +475,17 @@ def test_dry_run_prints_the_email_sends_nothing_and_keeps_state(facility):
     populate(facility)
     config = facility.write_config()
     dry = ok(run_epnalert(config, "--dry-run"))
-    assert facility.smtp.messages == [] and not state_file(facility).exists()
+    assert facility.smtp.messages == [] and not store_file(facility).exists()
     assert f"Subject: {SUBJECT}" in dry.stdout and "To: staff@hpc.example.org" in dry.stdout
     assert "----- text/plain -----" in dry.stdout and "----- text/html -----" in dry.stdout
     assert "NEW 20001a" in dry.stdout and "&lt;b&gt;Bob&lt;/b&gt;" in dry.stdout and "Zoë Ångström" in dry.stdout
 
     ok(run_epnalert(config))
-    before = state_file(facility).read_bytes()
+    before = alert_note(facility), alerts_sent(facility)
     facility.add_experiment("mx", "20009a", frames=1, small_files=0)
     dry = ok(run_epnalert(config, "--dry-run"))
     assert "NEW 20009a" in dry.stdout and "NEW 20001a" not in dry.stdout
-    assert len(facility.smtp.messages) == 1 and state_file(facility).read_bytes() == before
+    assert len(facility.smtp.messages) == 1 and (alert_note(facility), alerts_sent(facility)) == before
     assert len((facility.workdir / "log" / "email.log").read_text().splitlines()) == 1
 
 
@@ -482,9 +509,9 @@ def test_repeat_days_repeats_an_unchanged_alert_once_due(facility):
     ok(run_epnalert(config))
     assert len(facility.smtp.messages) == 1
     # Pretend the alert went out eight days ago rather than waiting for it.
-    state = json.loads(state_file(facility).read_text())
+    state = alert_note(facility)
     state["last_sent"] = (datetime.fromisoformat(state["last_sent"]) - timedelta(days=8)).isoformat()
-    state_file(facility).write_text(json.dumps(state))
+    store_rows(facility, "UPDATE notes SET value = ? WHERE name = ?", (json.dumps(state), EPNALERT_NOTE))
     ok(run_epnalert(config))
     _, repeated = facility.smtp.wait_for(2)
     assert set(table_rows(bodies(repeated)[1])) == {
@@ -495,7 +522,7 @@ def test_repeat_days_repeats_an_unchanged_alert_once_due(facility):
     }
     assert not any(block.startswith("NEW") for block in text_entries(bodies(repeated)[0]).values())
     assert "None is new since the previous alert" in bodies(repeated)[0]
-    assert json.loads(state_file(facility).read_text())["last_sent"] > state["last_sent"]
+    assert alert_note(facility)["last_sent"] > state["last_sent"]
 
 
 # ---------------------------------------------------------------- end to end: failures
@@ -629,7 +656,7 @@ def test_both_sources_failing_exits_1_with_one_line(facility):
     result = run_epnalert(config)
     line = error_line(result)
     assert "both SFTP and the portal failed" in line and "host key" in line and "HTTP 500" in line
-    assert facility.smtp.messages == [] and not state_file(facility).exists()
+    assert facility.smtp.messages == [] and alert_note(facility) is None
     assert "retrying" in log_text(facility)  # the details are in the log file, not in cron's mail
 
 
@@ -649,7 +676,7 @@ def test_smtp_refusal_exits_1_and_keeps_state(facility):
     facility.smtp.fail_with = "554 Transaction failed: mailbox unavailable"
     line = error_line(run_epnalert(config))
     assert "refused the email: 554" in line
-    assert not state_file(facility).exists()
+    assert alert_note(facility) is None and alerts_sent(facility) == []
     assert "not sent" in log_text(facility)
 
     facility.smtp.fail_with = None
@@ -658,15 +685,44 @@ def test_smtp_refusal_exits_1_and_keeps_state(facility):
     assert all(row["New"] == "NEW" for row in rows.values())  # the failed alert did not count as sent
 
 
-def test_corrupt_state_file_still_alerts_and_is_left_alone(facility):
+def test_a_damaged_old_state_file_is_left_in_place_with_a_warning_and_the_alert_recorded(facility):
     populate(facility)
     config = facility.write_config()
-    state_file(facility).write_text("{not json")
-    line = error_line(run_epnalert(config), returncode=2)
-    assert str(state_file(facility)) in line and "corrupt" in line
+    old = facility.workdir / "state" / "epnalert-state.json"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_text("{not json")
+    result = ok(run_epnalert(config))
+    (warning,) = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert str(old) in warning and "cannot be imported" in warning and "left in place" in warning
     rows = table_rows(bodies(facility.smtp.wait_for(1)[0])[1])
     assert all(row["New"] == "NEW" for row in rows.values())
-    assert state_file(facility).read_text() == "{not json"
+    assert old.read_text() == "{not json" and set(alert_note(facility)["epns"]) == set(rows)
+
+
+def test_a_corrupt_store_is_moved_aside_and_the_alert_still_sent_and_recorded(facility):
+    populate(facility)
+    config = facility.write_config()
+    store_file(facility).parent.mkdir(parents=True, exist_ok=True)
+    store_file(facility).write_bytes(b"{not a database" * 1000)
+    result = ok(run_epnalert(config))
+    (aside,) = store_file(facility).parent.glob("mxsync.db.corrupt-*")
+    assert aside.read_bytes() == b"{not a database" * 1000
+    assert "moved it to" in result.stderr and str(aside) in result.stderr and "Traceback" not in result.stderr
+    rows = table_rows(bodies(facility.smtp.wait_for(1)[0])[1])
+    assert all(row["New"] == "NEW" for row in rows.values()) and set(alert_note(facility)["epns"]) == set(rows)
+
+
+def test_a_store_from_a_newer_mxsync_still_alerts_and_is_left_alone(facility):
+    populate(facility)
+    config = facility.write_config()
+    ok(run_epnalert(config))
+    store_rows(facility, "PRAGMA user_version = 99")
+    before = store_file(facility).read_bytes()
+    line = error_line(run_epnalert(config))
+    assert str(store_file(facility)) in line and "newer mxsync" in line
+    _, second = facility.smtp.wait_for(2)
+    assert all(row["New"] == "NEW" for row in table_rows(bodies(second)[1]).values())
+    assert store_file(facility).read_bytes() == before
 
 
 # ---------------------------------------------------------------- templates
@@ -892,7 +948,7 @@ def test_dry_run_into_head_exits_quietly(facility):
     epnalert.wait(timeout=120)
     assert shown.startswith("# epnalert --dry-run: this email would be sent") and len(shown.splitlines()) == 3
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr
-    assert facility.smtp.messages == [] and not state_file(facility).exists()
+    assert facility.smtp.messages == [] and not store_file(facility).exists()
 
 
 # ---------------------------------------------------------------- secrets and the command line

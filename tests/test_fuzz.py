@@ -61,9 +61,16 @@ def test_run_on_mutated_ignore_file_is_clean_and_never_rewrites_it(text):
 
 @FUZZ
 @given(fuzzing.history_texts())
-def test_run_on_mutated_history_is_clean_and_leaves_a_bad_one_alone(text):
+def test_run_on_a_mutated_old_history_imports_it_or_leaves_it_with_a_warning(text):
     with fuzzing.sandbox() as sandbox:
         assert fuzzing.run_state(sandbox, history_text=text) == []
+
+
+@FUZZ
+@given(fuzzing.store_damages())
+def test_run_on_a_damaged_store_moves_it_aside_or_leaves_it_and_never_crashes(how):
+    with fuzzing.sandbox() as sandbox:
+        assert fuzzing.run_store(sandbox, how) == []
 
 
 @pytest.fixture(scope="module")

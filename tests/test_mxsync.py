@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.facility.tree import tree_manifest, wanted
+from tests.faults import failure_entries
 
 MXSYNC = [str(Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "mxsync")]
 NOW = datetime.now(timezone.utc)
@@ -91,7 +92,7 @@ def test_dry_run_records_nothing_and_says_so(facility):
     assert "12282a: would sync" in result.stderr
     lines = [line for line in sync_log(facility).splitlines() if line.strip()]
     assert lines and all("[dry run]" in line for line in lines)
-    assert not (ignore_path(config).parent / "mxsync-state.json").exists()
+    assert not (ignore_path(config).parent / "mxsync.db").exists()  # the state store is read into memory only
 
 
 def test_rerun_transfers_nothing(facility):
@@ -157,8 +158,7 @@ def test_failing_epn_is_not_recorded_while_others_are(facility):
     assert result.returncode == 1
     assert recorded(config) == {"12282a", "12282c"}
     assert "12282b: FAILED: rsync exit 23" in sync_log(facility)
-    state = json.loads((ignore_path(config).parent / "mxsync-state.json").read_text())
-    assert state["epns"]["12282b"]["failures"] == 1
+    assert failure_entries(config)["epns 12282b"]["failures"] == 1
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file; the destination-conflict test covers root")
@@ -384,8 +384,7 @@ def test_unreachable_host_counts_against_the_host_not_the_epns(facility):
 
     assert mxsync("--config", config, "--execute", "--once").returncode == 1
 
-    state = json.loads((ignore_path(config).parent / "mxsync-state.json").read_text())
-    assert state["sources"]["ssh"]["failures"] == 1 and state["epns"] == {}
+    assert list(failure_entries(config)) == ["sources ssh"] and failure_entries(config)["sources ssh"]["failures"] == 1
     facility.smtp.wait_for(1)
     assert "ssh" in facility.smtp.messages[0].message["Subject"]
 

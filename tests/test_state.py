@@ -2,7 +2,6 @@
 
 import difflib
 import errno
-import json
 import logging
 import multiprocessing
 import os
@@ -27,6 +26,7 @@ from mxsync.state import (
     JsonStore,
     _insert_lines,
 )
+from mxsync.store import DB_NAME
 
 
 @pytest.mark.parametrize(
@@ -380,34 +380,60 @@ def test_json_store_check_names_an_unusable_shape(tmp_path):
     ],
     ids=["truncated", "not UTF-8", "a list", "unusable epns", "unusable sources", "unusable waiting"],
 )
-def test_damaged_history_is_moved_aside_and_started_afresh(tmp_path, caplog, text):
+def test_damaged_json_history_is_left_in_place_with_one_warning_and_the_store_used(tmp_path, caplog, text):
     raw = text.encode("latin-1")
     path = tmp_path / STATE_FILE_NAME
     path.write_bytes(raw)
     with caplog.at_level(logging.WARNING, logger="mxsync"):
         history = History(tmp_path)
-    (aside,) = tmp_path.glob(STATE_FILE_NAME + ".corrupt-*")
-    assert aside.read_bytes() == raw and not path.exists()
-    assert len([record for record in caplog.records if record.levelno >= logging.WARNING]) == 1
+    assert path.read_bytes() == raw and history.problem is None
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warning.startswith(f"{path}: cannot be imported into {tmp_path / DB_NAME}") and "left in place" in warning
     history.epn_finished("12282a", error="rsync exit 23")
-    assert json.loads(path.read_text())["epns"]["12282a"]["failures"] == 1
+    history.close()
+    with History(tmp_path, read_only=True) as view:
+        assert view.failing_epns()["12282a"]["failures"] == 1
 
 
-def test_read_only_history_reports_a_damaged_file_and_moves_nothing(tmp_path, caplog):
-    path = tmp_path / STATE_FILE_NAME
-    path.write_text('{"epns": []}')
+def test_read_only_history_reports_a_corrupt_store_and_changes_nothing(tmp_path, caplog):
+    (tmp_path / DB_NAME).write_bytes(b"previouslySynched:\n- 12282a\n" * 200)
+    (tmp_path / STATE_FILE_NAME).write_text('{"epns": []}')
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     with caplog.at_level(logging.WARNING, logger="mxsync"):
         history = History(tmp_path, read_only=True)
-    assert history.data == {"epns": {}, "sources": {}, "running": {}}
-    assert "unusable 'epns' section" in history.problem and str(path) in history.problem
+    assert "not a usable database" in history.problem and str(tmp_path / DB_NAME) in history.problem
     assert len([record for record in caplog.records if record.levelno >= logging.WARNING]) == 1
     history.epn_finished("12282a", error="x")
-    assert os.listdir(tmp_path) == [STATE_FILE_NAME] and path.read_text() == '{"epns": []}'
+    assert history.failing_epns() == {} and history.last_cycle() is None
+    history.close()
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
-def test_history_that_cannot_be_moved_aside_is_left_alone_and_not_overwritten(tmp_path, monkeypatch, caplog):
-    path = tmp_path / STATE_FILE_NAME
-    path.write_text("{trunc")
+def _files(directory):
+    """{name: bytes} of the files in directory, less what SQLite may leave beside a database that is only read: its
+    -shm (an index of the log, shared memory) and an empty -wal."""
+    files = {path.name: path.read_bytes() for path in directory.iterdir() if not path.name.endswith("-shm")}
+    return {name: data for name, data in files.items() if data or not name.endswith("-wal")}
+
+
+def test_read_only_history_writes_to_a_copy_in_memory_only(tmp_path):
+    with History(tmp_path) as history:
+        history.epn_finished("12282a", error="rsync exit 12")
+    before = _files(tmp_path)
+    with History(tmp_path, read_only=True) as view:
+        view.epn_finished("12282a", error="rsync exit 12")
+        view.cycle_finished({"planned": 1})
+        assert view.failing_epns()["12282a"]["failures"] == 2  # as a real run would count it
+    assert _files(tmp_path) == before
+    with History(tmp_path, read_only=True) as view:
+        assert view.failing_epns()["12282a"]["failures"] == 1 and view.last_cycle() is None
+
+
+def test_corrupt_store_that_cannot_be_moved_aside_is_left_alone_and_history_goes_on_without(
+    tmp_path, monkeypatch, caplog
+):
+    path = tmp_path / DB_NAME
+    path.write_bytes(b"garbage" * 1000)
 
     def read_only_file_system(*_arguments):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -416,8 +442,9 @@ def test_history_that_cannot_be_moved_aside_is_left_alone_and_not_overwritten(tm
     with caplog.at_level(logging.WARNING, logger="mxsync"):
         history = History(tmp_path)
     history.epn_finished("12282a", error="x")
-    assert path.read_text() == "{trunc" and os.listdir(tmp_path) == [STATE_FILE_NAME]
-    assert "cannot be moved aside: Read-only file system" in history.problem
+    history.cycle_finished({"planned": 1})
+    assert path.read_bytes() == b"garbage" * 1000
+    assert "cannot open the state store: Read-only file system" in history.problem
     assert len([record for record in caplog.records if record.levelno >= logging.WARNING]) == 1
 
 

@@ -105,13 +105,15 @@ def test_an_unexpected_exception_fails_that_epn_only(tmp_path, caplog):
     assert sorted(outcome.synced) == ["12282a", "12282c"]
     assert list(outcome.failed) == ["12282b"] and "unexpected error" in outcome.failed["12282b"]
     assert "Traceback" in caplog.text and "ZeroDivisionError" in caplog.text
-    assert history.data["epns"]["12282b"]["failures"] == 1
+    assert history.failing_epns()["12282b"]["failures"] == 1
 
 
 def test_a_stopped_transfer_is_not_a_failure(tmp_path):
     outcome, history = run_cycle(tmp_path, {"12282a": TransferStopped("stopped")}, epns=("12282a",))
     assert outcome.stopped == ["12282a"] and not outcome.failed
-    assert "12282a" not in history.data["epns"]
+    assert "12282a" not in history.failing_epns()
+    outcome = history.last_pass("12282a").outcome  # a string, or mxsync.lifecycle.Outcome
+    assert getattr(outcome, "value", outcome) == "stopped" and history.failures("12282a") == 0
 
 
 def test_reload_registers_the_new_secrets_and_refuses_a_new_state_dir(tmp_path):

@@ -57,9 +57,11 @@ def collect_status(config):
             states, visits, following, portal_error = {}, {}, {}, str(error)
     if view.problem:
         notes.append(view.problem)
-    # Without the portal, what the history knows still shows.
+    # Without the portal, what the history knows still shows; failures counted before any pass on record
+    # (imported from an older mxsync) make a pass that is merely due show as failed.
     for epn in failing:
-        states.setdefault(epn, "failed")
+        if states.get(epn, "final") == "final":
+            states[epn] = "failed"
     for epn in waiting_for_data:
         states.setdefault(epn, "waiting")
     for epn in running:

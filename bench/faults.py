@@ -1,7 +1,7 @@
 """Run every fault scenario of tests/scenarios.py many times and print the reliability figures.
 
 Usage (from the repository root; as root, so that the tmpfs faults run too):
-    .venv/bin/python bench/faults.py                            # moderate counts, about 20 minutes on 2 cores
+    .venv/bin/python bench/faults.py                            # moderate counts, about 40 minutes on 2 busy cores
     .venv/bin/python bench/faults.py --runs 3 --kill-runs 20 --examples 100     # a quick pass
     .venv/bin/python bench/faults.py --only kill portal         # rows whose name contains a word
 Each row: the fault, how many runs (or fuzz examples), and the breaches of the promises counted in

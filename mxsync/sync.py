@@ -166,6 +166,9 @@ class SyncCycle:
             finally:
                 self.runner.close()
             self._next_wake(plan)  # the passes just made moved their EPNs' next ones
+        elif passes and self.stop.is_set():  # stopped before any began (e.g. while the connection started)
+            for item in passes:
+                self.events.emit(PassEnded(item.transfer.epn, item.policy.kind.value, "stopped"))
         self.events.emit(CycleFinished(self.outcome))
         return self.outcome
 

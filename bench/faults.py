@@ -46,6 +46,7 @@ def _portal_group(kinds, make):
 # (row name, [scenario functions], runs: "runs" | "fraction" of runs | "loop" | "fuzz", needs root)
 ROWS = [
     ("kill -9 at random moments of a 12-EPN pass", [scenarios.kill9_loop], "loop", False),
+    ("kill -9 during live and final passes: the state store", [scenarios.kill9_store_loop], "loop", False),
     ("a source file grows while rsync sends it", [scenarios.source_grows_mid_transfer], "runs", False),
     ("SIGTERM to the service mid-transfer", [scenarios.sigterm_mid_transfer], "runs", False),
     (

@@ -54,6 +54,7 @@ from tests.faults import (
     signal_tool,
     snapshot,
     start_tool,
+    store_rows,
     subjects,
     tmpfs,
     tools_gone,
@@ -147,6 +148,66 @@ def kill9_loop(facility, tally, rng, runs):
     for leftover in facility.destination.rglob(".*"):
         if leftover.name != ".info":
             tally.note("temporary file left at the destination by a killed rsync")
+
+
+KILL_LIVE = ["12284a", "12284b"]  # visits running: live passes, never recorded
+
+
+def kill9_store_loop(facility, tally, rng, runs):
+    """kill -9 the whole mxsync process group at a random moment while live and final passes write the state store.
+
+    After each kill the store must pass SQLite's integrity check, every transfer it holds must have a start, and
+    no EPN of a running visit may be recorded; the next run closes the passes the kill left open ("interrupted")
+    and repeats nothing verified. A last run without a kill must then finish every ended visit.
+    """
+    add_epns(facility, KILL_SMALL[:6])
+    add_epns(
+        facility,
+        KILL_LIVE,
+        frames=3,
+        frame_size=256 * 1024,
+        start=NOW - timedelta(hours=1),
+        end=NOW + timedelta(hours=8),
+    )
+    ended = set(KILL_SMALL[:6])
+    config = facility.write_config(
+        epn_cap_map={"12282": "ny79", "12284": "ny79"}, max_tasks=2, rsync_bwlimit="4096", live_interval_minutes=1
+    )
+    for _ in range(runs):
+        present = recorded(config)
+        forced = set(rng.sample(sorted(present & ended), k=rng.randint(0, len(present & ended))))
+        if forced:
+            hand_edit(config, present - forced)
+        before = recorded(config)
+        process = start_tool(MXSYNC, "--config", config, "--execute", "--once")
+        moment = rng.uniform(0.0, 0.8 + 0.3 * (len(ended - before) + len(KILL_LIVE)))
+        deadline = time.monotonic() + moment
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        killed = process.poll() is None
+        kill_group(process)
+        result = finish(process)
+        reap_control_masters(facility)
+        tally.runs += 1
+        tally.note("killed mid-pass" if killed else "pass ended before the kill")
+        open_passes = store_rows(config, "SELECT count(*) FROM transfers WHERE outcome IS NULL")
+        if killed and open_passes and open_passes[0][0]:
+            tally.note("killed with passes open in the store")
+        tally.expect(result.returncode in (0, 1, -signal.SIGKILL), f"exit {result.returncode} after a kill")
+        integrity = store_rows(config, "PRAGMA integrity_check")
+        tally.expect(integrity in ([], [("ok",)]), f"the store after a kill: {integrity[:3]}")
+        tally.expect(not recorded(config) & set(KILL_LIVE), "an EPN of a running visit was recorded")
+        check_everything(tally, facility, config, result, before=before)
+    final = run_tool(MXSYNC, "--config", config, "--execute", "--once")
+    tally.expect(final.returncode == 0, f"the pass after the kills exits {final.returncode}: {final.stderr[-500:]}")
+    tally.expect(recorded(config) == ended, f"after the kills, recorded {sorted(recorded(config))}")
+    left_open = store_rows(config, "SELECT epn FROM transfers WHERE outcome IS NULL")
+    tally.expect(not left_open, f"passes still open in the store after a clean run: {left_open[:3]}")
+    for _ in range(store_rows(config, "SELECT count(*) FROM transfers WHERE outcome = 'interrupted'")[0][0]):
+        tally.note("pass closed as interrupted by the next run")
+    for epn in sorted(ended):
+        tally.expect(complete_copy(facility, "ny79", epn), f"{epn} copy differs")
+    check_everything(tally, facility, config, final, before=ended)
 
 
 # ---------------------------------------------------------------- interruptions

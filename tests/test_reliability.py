@@ -42,6 +42,11 @@ def test_kill9_at_random_moments_loses_no_entry_and_records_nothing_incomplete(f
     assert tally.runs == fault_runs(5)
 
 
+def test_kill9_during_live_and_final_passes_leaves_a_sound_store(facility):
+    tally = run(scenarios.kill9_store_loop, facility, runs=fault_runs(5))
+    assert tally.runs == fault_runs(5)
+
+
 def test_a_source_file_growing_during_its_transfer_is_not_recorded_short(facility):
     run(scenarios.source_grows_mid_transfer, facility)
 

@@ -253,6 +253,20 @@ class AlertHistory:
             note=(EPNALERT_NOTE, note),
         )
 
+    def seen(self, config, gathered):
+        """Note in the store every EPN this run saw (SFTP folders, the portal's visits), mapped or not."""
+        from mxsync.names import epn_number
+
+        def projects(epns):
+            return {epn: config.project_for(epn_number(epn)) for epn in epns}
+
+        try:
+            self._store.record_seen("sftp", projects(gathered.sftp_folders))
+            self._store.record_seen("portal", projects({visit.epn for visit in gathered.visits}))
+            self._store.record_visits(gathered.visits)
+        except StoreError as error:  # bookkeeping only: the alert goes out all the same
+            logger.warning("%s; the EPNs seen this run are not remembered", error, extra=FILE_ONLY)
+
     def close(self):
         if self._store is not None:
             self._store.close()
@@ -292,7 +306,10 @@ def _run_alert(config, dry_run, now, history):
             extra=FILE_ONLY,
         )
 
-    alert = build_alert(config, gather(config, now), previous, now)
+    gathered = gather(config, now)
+    if state_problem is None:
+        history.seen(config, gathered)
+    alert = build_alert(config, gathered, previous, now)
     send, reason = decide(
         alert,
         previous.sent_at,

@@ -59,6 +59,14 @@ class SourceChecked:
 
 
 @dataclass(frozen=True)
+class VisitsSeen:
+    """The portal answered: its visits, and each EPN's project (None: unmapped)."""
+
+    visits: tuple
+    projects: dict
+
+
+@dataclass(frozen=True)
 class CycleFinished:
     outcome: object  # mxsync.sync.CycleOutcome
 
@@ -101,6 +109,8 @@ class HistoryListener:
             history.epn_finished(event.epn, error=event.message)
         elif isinstance(event, SourceChecked):
             history.source_result(event.source, event.error)
+        elif isinstance(event, VisitsSeen):
+            history.seen("portal", event.projects, event.visits)
 
 
 class FailureAlerts:

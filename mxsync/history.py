@@ -178,6 +178,12 @@ class History:
             self._call(f"note that {epn} waits for data", "set_state", epn, "waiting", reason=reason)
         # stopped: an interrupted transfer says nothing about the EPN
 
+    def seen(self, source, projects, visits=()):
+        """Note the EPNs `source` ("portal", "sftp") lists now ({EPN: project or None}) and the visits it gave."""
+        self._call(f"note the EPNs the {source} lists", "record_seen", source, projects)
+        if visits:
+            self._call("note the portal's visits", "record_visits", visits)
+
     # ------------------------------------------------------------ passes (the lifecycle's calls)
 
     def pass_started(self, epn, kind):

@@ -23,9 +23,11 @@ from mxsync.events import (
     PassEnded,
     Recorded,
     SourceChecked,
+    VisitsSeen,
 )
 from mxsync.executor import LocalExecutor
 from mxsync.lifecycle import EpnFacts, PassKind, Timing, assess, describe
+from mxsync.names import epn_number
 from mxsync.pipeline import EpnPipeline, Pass, PassPolicy, PipelineSettings, human_bytes
 from mxsync.plan import make_plan, summarise
 from mxsync.scheduler import schedule
@@ -220,6 +222,8 @@ class SyncCycle:
         else:
             self.events.emit(SourceChecked("portal"))
         plan = make_plan(self.config, answer.visits, synced, now, answer.suspicious)
+        projects = {visit.epn: self.config.project_for(epn_number(visit.epn)) for visit in answer.visits}
+        self.events.emit(VisitsSeen(answer.visits, projects))
         logger.info("Plan: %s", summarise(plan))
         for epn in plan.unmapped:
             logger.info("%s: its number is not in epn_cap_map; not synced (epnalert reports it)", epn)

@@ -248,3 +248,27 @@ def test_state_files_of_a_manual_or_cron_run_are_not_world_readable(facility, um
         check=True,
     )
     assert recorded(config) == {"12282a"} and stat.S_IMODE((state / "ignore.yml").stat().st_mode) == 0o664
+
+
+def test_every_epn_seen_by_either_program_is_in_the_store_with_its_visits(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)  # mapped, on the portal and on SFTP
+    facility.add_experiment("mx", "30001a", equipment_id=23, **ENDED)  # unknown: epnalert's business
+    facility.add_experiment("mx", "40001a")  # on SFTP only, no visit
+    config = facility.write_config()
+
+    mxsync("--config", config, "--execute", "--once", check=0)
+    assert _epnalert(config).returncode == 0
+
+    seen = _rows(config, "SELECT epn, source FROM sightings ORDER BY epn, source")
+    assert seen == [
+        ("12282a", "portal"),
+        ("12282a", "sftp"),
+        ("30001a", "portal"),
+        ("30001a", "sftp"),
+        ("40001a", "sftp"),
+    ]
+    assert dict(_rows(config, "SELECT epn, project FROM epns WHERE epn IN ('12282a', '30001a')")) == {
+        "12282a": "ny79",
+        "30001a": None,
+    }
+    assert sorted(epn for (epn,) in _rows(config, "SELECT DISTINCT epn FROM visits")) == ["12282a", "30001a"]

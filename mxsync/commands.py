@@ -12,11 +12,11 @@ from mxsync.errors import RsyncError
 from mxsync.itemize import OUT_FORMAT
 
 # The old tool ran `-stats`, which rsync reads as -s -t -a: archive mode, so symlinks were copied as
-# symlinks. We copy them too, but refuse (and report) those that point outside the EPN.
+# symlinks. We copy them too, but refuse (and report) those that point outside the EPN. Its --size-only is
+# dropped: a live pass may copy a file still being written at its final size, which only its time tells apart.
 BASE_OPTIONS = (
     "--recursive",
     "--times",
-    "--size-only",
     "--perms",
     "--links",
     "--safe-links",

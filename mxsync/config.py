@@ -662,7 +662,7 @@ _RSYNC_REFUSALS = (
             "--no-r",
         ),
     ),
-    ("is set by mxsync already", ("-r", "--recursive", "-t", "--times", "-p", "--perms", "--partial", "--size-only")),
+    ("is set by mxsync already", ("-r", "--recursive", "-t", "--times", "-p", "--perms", "--partial")),
 )
 RSYNC_REFUSAL_REASONS = {name: reason for reason, names in _RSYNC_REFUSALS for name in names}
 RSYNC_REFUSAL_REASONS.update(
@@ -673,6 +673,8 @@ RSYNC_REFUSAL_REASONS.update(
         "content mixed; mxsync lets rsync write a temporary file and rename it when complete",
         "--preallocate": "gives an unfinished file its full size at once, so an interrupted file would pass "
         "mxsync's size checks as complete",
+        "--size-only": "would leave a file copied by a live pass while the facility still wrote it (at its final "
+        "size) as it was; mxsync compares size and modification time",
     }
 )
 

@@ -43,11 +43,12 @@ class MailError(MxsyncError):
 class RsyncError(MxsyncError):
     """An rsync run failed; carries the exit code, its meaning and the tail of its output."""
 
-    def __init__(self, message, returncode=None, transient=False, source_changed=False):
+    def __init__(self, message, returncode=None, transient=False, partial=False):
         super().__init__(message)
         self.returncode = returncode
         self.transient = transient
-        self.source_changed = source_changed  # files vanished while rsync ran: expected while a visit runs
+        # Some files were not sent (vanished, or unreadable while being written): expected while a visit runs.
+        self.partial = partial
 
 
 class ProcessStartError(RsyncError):

@@ -35,6 +35,13 @@ class PassEnded:
 
 
 @dataclass(frozen=True)
+class Recording:
+    """A verified EPN is about to be added to ignore.yml (the store hears it first)."""
+
+    epn: str
+
+
+@dataclass(frozen=True)
 class Recorded:
     epn: str
     how: str
@@ -103,7 +110,7 @@ class HistoryListener:
                 history.pass_finished(token, event.outcome, event.message)
             elif event.outcome == "failed" and event.alert:
                 history.epn_finished(event.epn, error=event.message)
-        elif isinstance(event, Recorded):
+        elif isinstance(event, Recording):
             history.recorded(event.epn)
         elif isinstance(event, EpnFailed):
             history.epn_finished(event.epn, error=event.message)

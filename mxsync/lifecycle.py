@@ -142,9 +142,10 @@ def assess(facts, now, timing):
         since = max(spans, key=lambda span: (span[1], span[0]))[0]  # the start of the visit that ended last
     # Passes before the current visit started belong to an earlier visit and say nothing about this one.
     last = facts.last_pass if since is not None and facts.last_pass and facts.last_pass.started >= since else None
-    failed = last is not None and last.outcome is Outcome.FAILED
+    # A live pass that failed is simply tried again at the live interval: the visit's data are still being written.
+    failed = last is not None and last.outcome is Outcome.FAILED and last.kind is PassKind.FINAL
     failures = max(facts.failures, 1) if failed else 0
-    # After a failure nothing is due before the retry delay, whichever pass comes next.
+    # After a failed final pass nothing is due before the retry delay.
     not_before = last.finished + retry_delay(failures, timing) if failed else None
 
     def entry(state, kind, due):

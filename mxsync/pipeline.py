@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from mxsync.destination import writable_destination
 from mxsync.errors import RsyncError, StateFileError, TransferStopped, UnsafeNameError
-from mxsync.events import EpnFailed, PassEnded, PassStarted, Recorded
+from mxsync.events import EpnFailed, PassEnded, PassStarted, Recorded, Recording
 from mxsync.itemize import verify_destination
 from mxsync.lifecycle import PassKind
 
@@ -86,11 +86,16 @@ class EpnPipeline:
             self.record(transfer.epn, "synced and verified", ended.figures)
 
     def record(self, epn, how, figures=None):
-        """Add a verified EPN to ignore.yml; if that fails it stays verified, and the next cycle records it."""
+        """Add a verified EPN to ignore.yml.
+
+        The store hears of the record first: if ignore.yml then cannot be written (or mxsync dies in between),
+        the two disagree, ignore.yml wins, and the next cycle syncs the EPN again; never the other way round.
+        """
+        self.events.emit(Recording(epn))
         try:
             self.ignore.add([epn])
         except StateFileError as error:
-            message = f"verified but not recorded: {error}"
+            message = f"verified but not recorded: {error}; the next cycle syncs it again"
             logger.error("%s: FAILED: %s", epn, message)
             self.events.emit(EpnFailed(epn, message))
             return
@@ -124,8 +129,10 @@ class EpnPipeline:
         except OSError as error:
             return self._failed(epn, policy, f"cannot prepare {transfer.destination}: {error.strerror or error}")
         except RsyncError as error:
-            if not policy.final and error.source_changed:
-                logger.info("%s: live pass done; files changed at the facility while it ran (expected): %s", epn, error)
+            if not policy.final and error.partial:
+                logger.info(
+                    "%s: live pass done; some files were still being written at the facility (expected): %s", epn, error
+                )
                 return PassEnded(epn, kind, "ok")
             return self._failed(epn, policy, str(error))
         except Exception as error:  # a bug of ours: this EPN fails, the others and the service go on

@@ -200,8 +200,9 @@ def _drain_stderr(stream, log_prefix, tail):
             logger.debug("%s: %s", log_prefix, line)
 
 
-# rsync's exit code when source files vanished while it ran: what a facility still writing (and renaming) gives.
-SOURCE_VANISHED = 24
+# rsync's exit codes when some files could not be sent (23) or vanished (24) while it ran: what a facility still
+# writing (temporary files renamed, files unreadable until closed) gives during a visit.
+PARTIAL_TRANSFER = (23, 24)
 
 
 def rsync_failure(what, finished):
@@ -224,7 +225,7 @@ def _failure(what, program, meanings, finished):
         f"{prefix}{program} exit {returncode} ({meaning}): {tail_text(finished.stderr_tail)}",
         returncode=returncode,
         transient=transient,
-        source_changed=program == "rsync" and returncode == SOURCE_VANISHED,
+        partial=program == "rsync" and returncode in PARTIAL_TRANSFER,
     )
 
 

@@ -49,6 +49,7 @@ def collect_status(config):
     portal_error = None
     # A copy of the store in memory: a damaged one is reported here, never moved aside.
     with History(config.state_dir, read_only=True) as view:
+        view.reconcile(synced)  # as the next cycle will: an EPN removed from ignore.yml by hand is synced again
         failing, waiting_for_data = view.failing_epns(), view.waiting_epns()
         sources, last = view.failing_sources(), view.last_cycle()
         try:

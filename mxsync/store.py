@@ -527,9 +527,10 @@ class Store:
         return _transfer(rows[0]) if rows else None
 
     def failed_passes(self, epn):
-        """Return how many of the EPN's passes failed since its last that succeeded or found no data (stops say nothing)."""
+        """Return how many of the EPN's final passes failed since its last pass that succeeded or found no data (stops
+        say nothing; a live pass's failure is not the EPN's: its data are still being written)."""
         rows = self._query(
-            "SELECT count(*) FROM transfers WHERE epn = ? AND outcome = 'failed' AND id > max("
+            "SELECT count(*) FROM transfers WHERE epn = ? AND outcome = 'failed' AND kind = 'final' AND id > max("
             " (SELECT passes_after FROM epns WHERE epn = ?),"
             " (SELECT ifnull(max(id), 0) FROM transfers WHERE epn = ? AND outcome IN ('ok', 'no-data')))",
             (epn, epn, epn),
@@ -546,6 +547,7 @@ class Store:
         failed = dict(
             self._query(
                 "SELECT u.epn, count(*) FROM transfers u JOIN epns e ON e.epn = u.epn WHERE u.outcome = 'failed'"
+                " AND u.kind = 'final'"
                 " AND u.id > max(e.passes_after, (SELECT ifnull(max(v.id), 0) FROM transfers v WHERE v.epn = u.epn"
                 " AND v.outcome IN ('ok', 'no-data'))) GROUP BY u.epn"
             )

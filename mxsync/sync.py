@@ -26,13 +26,16 @@ from mxsync.events import (
     VisitsSeen,
 )
 from mxsync.executor import LocalExecutor
-from mxsync.lifecycle import EpnFacts, PassKind, Timing, assess, describe
+from mxsync.lifecycle import RETRY_FIRST, EpnFacts, PassKind, Timing, assess, describe
 from mxsync.names import epn_number
 from mxsync.pipeline import EpnPipeline, Pass, PassPolicy, PipelineSettings, human_bytes
 from mxsync.plan import make_plan, summarise
 from mxsync.scheduler import schedule
 
 logger = logging.getLogger("mxsync.sync")
+
+# When passes were due but the destination, the ssh host or the portal could not be used, look again this soon.
+PROBLEM_RETRY = RETRY_FIRST
 
 
 @dataclass
@@ -159,9 +162,10 @@ class SyncCycle:
 
     def run(self):
         """Plan, run the passes due, record; return the CycleOutcome."""
+        now = datetime.now(timezone.utc)  # one moment for the whole plan: what is due is decided once
         synced = self._read_record()
-        plan = self._plan(synced) if synced is not None else None
-        passes = self._schedule(plan, synced) if plan is not None else []
+        plan = self._plan(synced, now) if synced is not None else None
+        passes = self._schedule(plan, synced, now) if plan is not None else []
         if passes and self._destination_ready() and self._host_reachable():
             try:
                 self._run_all(passes)
@@ -171,6 +175,11 @@ class SyncCycle:
         elif passes and self.stop.is_set():  # stopped before any began (e.g. while the connection started)
             for item in passes:
                 self.events.emit(PassEnded(item.transfer.epn, item.policy.kind.value, "stopped"))
+        elif passes or (synced is not None and plan is None):
+            # Passes were due but the destination, the host or the portal was not usable: look again soon, not at
+            # the next poll, which may be a day away.
+            self.outcome.next_wake = now + PROBLEM_RETRY
+            self.outcome.wake_reason = "a source every pass needs was not usable"
         self.events.emit(CycleFinished(self.outcome))
         return self.outcome
 
@@ -187,9 +196,8 @@ class SyncCycle:
         self.events.emit(SourceChecked("record"))
         return synced
 
-    def _plan(self, synced):
+    def _plan(self, synced, now):
         """Return the Plan from the remembered visits if they suffice (no final pass due), else from a fresh poll."""
-        now = datetime.now(timezone.utc)
         answer = self.catalogue.remembered(self.config, now)
         if answer is not None:
             plan = make_plan(self.config, answer.visits, synced, now, answer.suspicious)
@@ -235,11 +243,10 @@ class SyncCycle:
             self.events.emit(EpnFailed(epn, message))
         return plan
 
-    def _schedule(self, plan, synced):
+    def _schedule(self, plan, synced, now):
         """Place each candidate in its lifecycle; record what was verified before; return the passes due now."""
-        now = datetime.now(timezone.utc)
-        if self.execute:
-            self.history.reconcile(synced)  # ignore.yml wins: an EPN removed by hand is synced again (logged there)
+        # ignore.yml wins: an EPN removed by hand is synced again (logged there); a dry run's store is a copy.
+        self.history.reconcile(synced)
         candidates = {candidate.epn: candidate for candidate in plan.candidates}
         entries = self._assess(plan, now)
         for entry in entries:

@@ -73,3 +73,22 @@ def test_each_lifecycle_state_survives_a_restart_and_nothing_verified_is_repeate
     log = sync_log(facility)
     assert log.count("12282a: live pass started") == 1 and log.count("12282a: started,") == 1
     assert log.count("12282a: synced and verified") == 1
+
+
+def test_a_file_copied_live_at_its_final_size_is_fetched_again_once_complete(facility):
+    """A detector that gives a file its full length when it creates it: the live copy is of a half-written file."""
+    now = datetime.now(timezone.utc)
+    experiment = facility.add_experiment("mx", "12282a", frames=1)
+    visit = facility.portal.add_visit(23, "12282a", now - timedelta(hours=1), now + timedelta(hours=5))
+    config = facility.write_config(settle_minutes=1)
+    master = experiment / "frames" / "12282a_master.h5"
+    master.write_bytes(bytes(64 * 1024))  # allocated, not yet written
+    mxsync("--config", config, "--execute", "--once")
+    home = facility.destination / "ny79" / "12282a" / "data" / "frames" / "12282a_master.h5"
+    assert home.read_bytes() == bytes(64 * 1024)
+
+    master.write_bytes(b"written by the detector " * (64 * 1024 // 24) + bytes(64 * 1024 % 24))  # same size
+    _move(visit, now - timedelta(hours=1), datetime.now(timezone.utc) - timedelta(minutes=2))
+    mxsync("--config", config, "--execute", "--once")
+    assert recorded(config) == {"12282a"}
+    assert home.read_bytes() == master.read_bytes()

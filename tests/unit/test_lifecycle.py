@@ -114,13 +114,13 @@ CASES = [
         START + 12 * MINUTE,
     ),
     (
-        "collecting, a live pass failed twice",
+        "collecting, a failed live pass is tried again at the live interval, not backed off",
         facts(last_pass=live(START, Outcome.FAILED), failures=2),
         START + 5 * MINUTE,
         LIVE,
-        State.FAILED,
+        State.COLLECTING,
         PassKind.LIVE,
-        START + 2 * MINUTE + 30 * MINUTE,
+        START + 2 * MINUTE + LIVE.live_interval,
     ),
     # settling
     (
@@ -161,13 +161,13 @@ CASES = [
         DEADLINE,
     ),
     (
-        "settling, a failure's retry delay reaches past the deadline: final then",
+        "settling, a live pass failed just before the deadline: the final pass at the deadline",
         facts(last_pass=live(DEADLINE - 5 * MINUTE, Outcome.FAILED), failures=1),
         DEADLINE - 2 * MINUTE,
         LIVE,
-        State.FAILED,
+        State.SETTLING,
         PassKind.FINAL,
-        DEADLINE - 3 * MINUTE + 15 * MINUTE,
+        DEADLINE,
     ),
     (
         "settling, the next live pass would fall exactly on the deadline",

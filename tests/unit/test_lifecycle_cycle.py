@@ -126,6 +126,28 @@ def test_a_verified_epn_whose_record_failed_is_recorded_later_without_another_tr
     assert recorded(config) == {"12282a"} and runner.calls == [("12282a", "real")]  # no second transfer
 
 
+def test_a_record_the_store_heard_of_but_ignore_yml_lacks_is_synced_again(tmp_path):
+    """mxsync died between telling the store and writing ignore.yml (or staff removed the EPN meanwhile)."""
+    runner = Runner()
+    portal = Portal(("12282a", hours(-72), hours(-48)))
+    first, config = cycle(tmp_path, portal, runner)
+    assert first.run().synced == ["12282a"]
+    config.ignore_file.write_text("previouslySynched: []\n")  # as if the record never reached the file
+
+    again, config = cycle(tmp_path, portal, runner)
+    assert again.run().synced == ["12282a"]
+    assert runner.calls == [("12282a", "real"), ("12282a", "real")]
+
+
+def test_passes_due_that_could_not_start_are_tried_again_soon(tmp_path):
+    runner = Runner()
+    running, config = cycle(tmp_path, Portal(("12282a", hours(-72), hours(-48))), runner)
+    (tmp_path / "dest").rmdir()  # the destination file system is not mounted
+    outcome = running.run()
+    assert outcome.problems and runner.calls == []
+    assert outcome.next_wake - datetime.now(timezone.utc) <= timedelta(minutes=15)  # not the next poll, a day away
+
+
 def test_an_epn_removed_from_ignore_yml_by_hand_is_synced_again(tmp_path):
     runner = Runner()
     portal = Portal(("12282a", hours(-72), hours(-48)))

@@ -40,7 +40,15 @@ SERVICE = "mxsync-svc"  # the unprivileged account mxsync runs as, in the projec
 PROJECT_GROUP = "mxsync-ny79"  # project ny79's group: the attacker is a member, as every project member is
 PROJECT, OTHER_PROJECT, OTHER_EPN = "ny79", "ab12", "13000a"
 MARKER = b"planted-by-eve"
-MXSYNC_STATE_FILES = {"ignore.yml", "ignore.yml.lock", "mxsync-state.json", "mxsync.lock"}
+MXSYNC_STATE_FILES = {
+    "ignore.yml",
+    "ignore.yml.lock",
+    "mxsync.db",
+    "mxsync.db-wal",
+    "mxsync.db-shm",
+    "mxsync.db.lock",
+    "mxsync.lock",
+}
 HOLD_SECONDS = 3  # how long the wrapper holds a transfer's rsync before it starts
 # Run as the attacker with the system's Python (the venv may sit where the attacker cannot reach).
 ATTACK = """

@@ -164,6 +164,13 @@ def _expected(what, value):
     return _Invalid(f"expected {what}, got {describe(value)}")
 
 
+def _something(value):
+    """Refuse a key written with no value (`equipment:`), which YAML reads as null: not the same as leaving it out."""
+    if value is None:
+        raise _Invalid("has no value; list the portal's equipment here (id, username, password, client_name, ...)")
+    return value
+
+
 def _string(value):
     if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
         raise _expected("a non-empty string", value)
@@ -332,7 +339,7 @@ TOP_LEVEL = {
     "epn_cap_map": (_cap_map, REQUIRED),
     "ignore": (_string, REQUIRED),
     "state-dir": (_string, None),
-    "equipment": (None, REQUIRED),  # checked by _check_equipment
+    "equipment": (_something, REQUIRED),  # checked by _check_equipment
     "base-url": (_pattern(re.compile(r"https?://[^\s/]+(/\S*)?"), "an http:// or https:// URL"), REQUIRED),
     "beamline": (_pattern(re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*"), "a beamline name such as 'mx'"), None),
     "host": (_pattern(HOST_PATTERN, "a host name or address"), REQUIRED),

@@ -442,3 +442,15 @@ def test_settling_beyond_the_visit_range_warns(tmp_path):
     )
     config = load_config(write(tmp_path, {**legacy_data(), "visit-day-range": 2, "settle-minutes": 2 * 1440}))
     assert not any("settle-minutes" in warning for warning in config.warnings)
+
+
+def test_equipment_written_with_no_value_is_refused_at_its_key(tmp_path):
+    """`equipment:` with nothing under it used to load, and every cycle then planned nothing, silently."""
+    data = yaml.safe_load(LEGACY.read_text())
+    data["equipment"] = None
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(data))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, check_files=False)
+    assert "config.yml: equipment: has no value; list the portal's equipment here" in str(raised.value)

@@ -90,6 +90,7 @@ def collect_status(config):
     if last is not None:
         notes.append(
             f"last cycle finished {last.get('finished', '?')}: {last.get('synced', 0)} synced, "
+            f"{last.get('live', 0)} copied live, "
             f"{len(last.get('failed') or [])} failed, {len(last.get('waiting') or [])} waiting for data"
         )
     notes += [

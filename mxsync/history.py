@@ -7,6 +7,7 @@ mxsync goes on without it. Status and dry runs read a copy in memory, so they ne
 
 import functools
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -33,6 +34,14 @@ class PassToken(NamedTuple):
     id: Optional[int]
     epn: str
     kind: str
+    started: Optional[datetime] = None
+
+
+# The passes this process made, per state directory, for when the store cannot answer (a full or read-only disk):
+# the lifecycle still knows them, so a broken store never makes live passes run at every wake or failed final
+# passes come back at once. A verified final pass is never taken from here: only the store may lead to a record.
+_RECENT_PASSES = {}
+_NO_ANSWER = object()
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class History:
         self._running = {}  # EPN -> PassToken of epn_started
         self._lock = threading.Lock()
         self._reported = set()  # causes of store errors logged at ERROR already: a full disk is one line
+        self._recent = {} if read_only else _RECENT_PASSES.setdefault(os.path.realpath(state_dir), {})
         try:
             # A dry run or status view works on a copy in memory: it may "write", and nothing reaches the disk.
             self._store = Store.open(state_dir, dry_run=read_only)
@@ -190,7 +200,10 @@ class History:
         """Record the start of a live or final pass of the EPN; return the token for pass_finished."""
         if kind not in PASS_KINDS:
             raise ValueError(f"unknown pass kind {kind!r}; expected one of {', '.join(PASS_KINDS)}")
-        return PassToken(self._call(f"record the start of a pass of {epn}", "transfer_started", epn, kind), epn, kind)
+        started = datetime.now(timezone.utc)
+        return PassToken(
+            self._call(f"record the start of a pass of {epn}", "transfer_started", epn, kind), epn, kind, started
+        )
 
     def pass_finished(self, token, outcome, error=None, files=None, bytes_transferred=None):
         """Record how a pass ended (ok, failed, no-data, stopped); a final pass also counts for failure alerts."""
@@ -200,6 +213,11 @@ class History:
             if self._running.get(token.epn) == token:
                 del self._running[token.epn]
         self._end_pass(token, outcome, error, files=files, bytes_transferred=bytes_transferred)
+        if token.kind == "live" or outcome != "ok":
+            finished = datetime.now(timezone.utc)
+            self._recent[token.epn] = (token.kind, token.started or finished, finished, outcome, error)
+        else:
+            self._recent.pop(token.epn, None)
         if token.kind == "final":  # live passes copy growing data: their troubles are not the EPN's failures
             self._epn_result(token.epn, outcome, error)
 
@@ -216,7 +234,10 @@ class History:
 
     def last_pass(self, epn):
         """Return the EPN's most recent finished pass (mxsync.lifecycle.LastPass if that module exists), or None."""
-        transfer = self._call(f"read the last pass of {epn}", "last_pass", epn)
+        transfer = self._call(f"read the last pass of {epn}", "last_pass", epn, default=_NO_ANSWER)
+        if transfer is _NO_ANSWER:  # the store cannot answer: what this process did, if anything
+            recent = self._recent.get(epn)
+            return None if recent is None else _last_pass_maker()(*recent)
         return None if transfer is None else _last_pass(transfer)
 
     def failures(self, epn):

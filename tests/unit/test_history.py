@@ -212,7 +212,8 @@ def test_a_store_that_cannot_be_opened_is_one_line_and_history_goes_on_without_i
         history.source_result("portal", "HTTP 502")
         history.mark_alerted(["12282a"], ["portal"])
         history.cycle_finished({"planned": 1})
-        assert history.due_alerts(1) == ({}, {}) and history.last_pass("12282a") is None
+        assert history.due_alerts(1) == ({}, {})
+        assert summary(history.last_pass("12282a")) == ("final", "failed", "x")  # what this process did
         assert history.failures("12282a") == 0 and history.reconcile({"12282a"}) == set()
     (line,) = errors_of(caplog)
     assert line.startswith(f"{state_dir / DB_NAME}: cannot open the state store") and "going on without" in line
@@ -264,3 +265,20 @@ def test_the_old_json_history_is_imported_and_reads_back_as_it_did(tmp_path):
         assert text(history.last_pass("12285d").outcome) == "stopped"  # running when the old mxsync was killed
     assert not (tmp_path / legacy_state.HISTORY_FILE).exists()
     assert (tmp_path / (legacy_state.HISTORY_FILE + ".imported")).exists()
+
+
+def test_without_a_usable_store_the_passes_of_this_process_are_still_known_but_never_a_verified_one(tmp_path):
+    """A full or read-only state disk must not make live passes run at every wake, nor lead to a record."""
+    unusable = tmp_path / "state"
+    unusable.write_text("a file where the state folder should be")
+    with History(unusable) as history:
+        assert history.problem
+        history.pass_finished(history.pass_started("12282a", "live"), "ok")
+        history.pass_finished(history.pass_started("12282b", "final"), "failed", error="rsync exit 12")
+        history.pass_finished(history.pass_started("12282c", "final"), "ok")
+    with History(unusable) as next_cycle:  # the service's next cycle, same process
+        assert summary(next_cycle.last_pass("12282a")) == ("live", "ok", None)
+        assert summary(next_cycle.last_pass("12282b")) == ("final", "failed", "rsync exit 12")
+        assert next_cycle.last_pass("12282c") is None  # only the store may say "verified"
+    with History(tmp_path / "elsewhere") as other:
+        assert other.last_pass("12282a") is None

@@ -48,6 +48,12 @@ class VisitCatalogue:
             return None
         return Answer(self._last.visits, self._last.suspicious, (), self._last.at, fresh=False)
 
+    def last_known(self, config):
+        """Return the last complete Answer for this config's question however old (None if there is none)."""
+        if self._last is None or self._asked_with != _query(config):
+            return None
+        return Answer(self._last.visits, self._last.suspicious, (), self._last.at, fresh=False)
+
 
 def _query(config):
     return (config.base_url, config.equipment, config.visit_day_range, config.portal_time_format)

@@ -159,6 +159,7 @@ class SyncCycle:
         self.catalogue = catalogue or VisitCatalogue()  # a service keeps one, so visits outlive a cycle
         self.retry_now = retry_now  # a run by hand: failed and waiting EPNs are tried now, not after a delay
         self._poll = None  # when the portal's answer this cycle works from was given
+        self._live_only = False  # the portal did not answer: this cycle works from an older answer, live passes only
 
     def run(self):
         """Plan, run the passes due, record; return the CycleOutcome."""
@@ -180,6 +181,9 @@ class SyncCycle:
             # the next poll, which may be a day away.
             self.outcome.next_wake = now + PROBLEM_RETRY
             self.outcome.wake_reason = "a source every pass needs was not usable"
+        if self._live_only and (self.outcome.next_wake is None or self.outcome.next_wake > now + PROBLEM_RETRY):
+            self.outcome.next_wake = now + PROBLEM_RETRY  # final passes wait for the portal: ask it again soon
+            self.outcome.wake_reason = "the portal is asked again"
         self.events.emit(CycleFinished(self.outcome))
         return self.outcome
 
@@ -223,7 +227,7 @@ class SyncCycle:
             logger.error("%s", error)
         if answer.errors and len(answer.errors) >= len(self.config.equipment):
             self.events.emit(SourceChecked("portal", "portal: " + answer.errors[0]))
-            return None
+            return self._live_only_plan(synced, now)
         if answer.errors:  # the cycle goes on with the visits it has
             summary = f"portal: {len(answer.errors)} request(s) failed; those visits were skipped"
             self.events.emit(SourceChecked("portal", "; ".join(answer.errors), summary))
@@ -242,6 +246,18 @@ class SyncCycle:
             logger.error("%s: FAILED: %s", epn, message)
             self.events.emit(EpnFailed(epn, message))
         return plan
+
+    def _live_only_plan(self, synced, now):
+        """While the portal cannot answer, live passes go on from its last answer; final passes wait for it."""
+        known = self.catalogue.last_known(self.config)
+        if known is None:
+            return None
+        logger.warning(
+            "Live passes go on from the portal's answer of %s; no final pass until the portal answers again",
+            known.at.isoformat(timespec="minutes"),
+        )
+        self._live_only = True
+        return make_plan(self.config, known.visits, synced, now, known.suspicious)
 
     def _schedule(self, plan, synced, now):
         """Place each candidate in its lifecycle; record what was verified before; return the passes due now."""
@@ -268,8 +284,9 @@ class SyncCycle:
         if self.execute:
             for epn in due.to_record:  # verified by an earlier final pass whose record could not be written
                 self.pipeline.record(epn, "verified by an earlier pass")
-        self.outcome.planned = len(due.passes)
-        return [Pass(candidates[item.epn], PassPolicy(item.kind, self.execute)) for item in due.passes]
+        due_now = [item for item in due.passes if not (self._live_only and item.kind is PassKind.FINAL)]
+        self.outcome.planned = len(due_now)
+        return [Pass(candidates[item.epn], PassPolicy(item.kind, self.execute)) for item in due_now]
 
     def _assess(self, plan, now):
         """Return each candidate's lifecycle Entry, from its visits and the history of its passes."""

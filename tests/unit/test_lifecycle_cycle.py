@@ -10,7 +10,7 @@ import pytest
 
 from mxsync.catalogue import VisitCatalogue
 from mxsync.config import load_config
-from mxsync.errors import StateFileError
+from mxsync.errors import PortalError, StateFileError
 from mxsync.history import History
 from mxsync.itemize import FileList, TransferResult
 from mxsync.portal import Visit
@@ -226,3 +226,33 @@ def test_a_final_pass_due_on_remembered_visits_asks_the_portal_first(tmp_path):
     settled, config = cycle(tmp_path, portal, runner, catalogue=catalogue, **{"settle-minutes": 20})
     outcome = settled.run()  # the remembered end says "final pass due": the portal is asked, and says otherwise
     assert portal.asked == 2 and outcome.synced == [] and "12282a" not in recorded(config)
+
+
+class FailingPortal(CountingPortal):
+    def __init__(self, *visits):
+        super().__init__(*visits)
+        self.down = False
+
+    def visits(self, equipment, start, end):
+        if self.down:
+            self.asked += 1
+            raise PortalError("portal equipment 23: HTTP 502")
+        return super().visits(equipment, start, end)
+
+
+def test_while_the_portal_is_down_live_passes_go_on_and_final_passes_wait(tmp_path):
+    runner, catalogue = Runner(), VisitCatalogue()
+    portal = FailingPortal(("12282a", hours(-2), hours(6)), ("12282b", hours(-3), hours(-0.5)))
+    first, config = cycle(tmp_path, portal, runner, catalogue=catalogue, **{"settle-minutes": 60})
+    assert sorted(first.run().live) == ["12282a", "12282b"]
+
+    portal.down = True  # and 12282b's settle deadline passes: its final pass needs the portal's latest times
+    runner.calls.clear()
+    down, config = cycle(
+        tmp_path, portal, runner, catalogue=catalogue, **{"settle-minutes": 20, "live-interval-minutes": 1}
+    )
+    down.history.pass_finished(down.history.pass_started("12282a", "live"), "stopped")  # make its live pass due
+    outcome = down.run()
+    assert runner.calls == [("12282a", "real")] and outcome.live == ["12282a"]
+    assert "12282b" not in recorded(config) and outcome.problems  # the portal counts as failing
+    assert outcome.next_wake - datetime.now(timezone.utc) <= timedelta(minutes=15)

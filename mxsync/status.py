@@ -114,14 +114,10 @@ def _plan_states(config, synced, history, notes):
     states.update({epn: "refused" for epn in plan.refused})
     following = {}
     timing = Timing.from_config(config)
+    passes = history.passes()
     for candidate in plan.candidates:
-        facts = EpnFacts(
-            candidate.epn,
-            candidate.visits,
-            last_pass=history.last_pass(candidate.epn),
-            failures=history.failures(candidate.epn),
-        )
-        entry = assess(facts, now, timing)
+        last, failures = passes.get(candidate.epn, (None, 0))
+        entry = assess(EpnFacts(candidate.epn, candidate.visits, last_pass=last, failures=failures), now, timing)
         states[candidate.epn] = entry.state.value
         following[candidate.epn] = describe(entry, now).split("; next: ", 1)[-1]
     latest = {}

@@ -293,19 +293,14 @@ class SyncCycle:
         timing = Timing.from_config(self.config)
         if self.retry_now:
             timing = replace(timing, retry_first=timedelta(0), retry_longest=timedelta(0), waiting_recheck=timedelta(0))
-        return [
-            assess(
-                EpnFacts(
-                    candidate.epn,
-                    candidate.visits,
-                    last_pass=self.history.last_pass(candidate.epn),
-                    failures=self.history.failures(candidate.epn),
-                ),
-                now,
-                timing,
+        passes = self.history.passes()  # one read for the whole plan, not two per EPN
+        entries = []
+        for candidate in plan.candidates:
+            last, failures = passes.get(candidate.epn, (None, 0))
+            entries.append(
+                assess(EpnFacts(candidate.epn, candidate.visits, last_pass=last, failures=failures), now, timing)
             )
-            for candidate in plan.candidates
-        ]
+        return entries
 
     def _next_wake(self, plan):
         now = datetime.now(timezone.utc)

@@ -172,7 +172,13 @@ def security_site(service, rsync_binary):
 
 
 def service_account():
-    """The unprivileged service account of these tests (a pwd entry), made if missing."""
+    """The unprivileged service account of these tests (a pwd entry), made if missing, able to run this checkout."""
+    # It must reach the checkout and its venv (CI clones into a private mktemp folder): let it traverse, not
+    # list, every folder above, as scripts/test-environments does for its account.
+    for folder in Path(__file__).resolve().parents[1].parents:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
     return _account(SERVICE)
 
 

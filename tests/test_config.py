@@ -586,3 +586,23 @@ def test_a_large_map_file_loads_with_the_fast_loader(tmp_path, monkeypatch):
     config = load_config(path)
     assert len(config.epn_cap_map) == 10001 and config.project_for("109999") == "p109999"
     assert loaders == [mxsync.config.YAML_LOADER] * 2  # config.yml, then the map file
+
+
+def test_check_command_counts_the_map_file_and_refuses_a_missing_one_in_one_line(tmp_path):
+    path = with_map_file(tmp_path, '"30001": ab12\n')
+
+    def check():
+        command = [str(MXSYNC), "check", "--config", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+
+    result = check()
+    assert result.returncode == 0, result.stderr
+    map_file = tmp_path / "epn_cap_map.yml"
+    assert f"2 mapped EPN numbers (epn_cap_map and {map_file})" in result.stdout
+    map_file.unlink()
+    result = check()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"mxsync: error: {path}: epn-cap-map-file: {map_file} does not exist; "
+        "create it (an empty mapping {} is fine) or remove the key\n"
+    )

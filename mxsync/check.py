@@ -15,9 +15,10 @@ def run_check(config_path, connect=False):
     config = load_config(config_path)
     for warning in config.warnings:
         print(f"warning {warning}", file=sys.stderr)
-    print(
-        f"ok      config {config.path}: {len(config.equipment)} equipment, {len(config.epn_cap_map)} mapped EPN numbers"
-    )
+    mapped = f"{len(config.epn_cap_map)} mapped EPN numbers"
+    if config.epn_cap_map_file is not None:
+        mapped += f" (epn_cap_map and {config.epn_cap_map_file})"
+    print(f"ok      config {config.path}: {len(config.equipment)} equipment, {mapped}")
     problem = protected_home_problem()
     if problem:
         print(f"warning {problem}")

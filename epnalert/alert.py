@@ -88,6 +88,7 @@ class Alert:
     previous_sent_at: datetime | None = None
     config_path: str = ""
     hostname: str = ""
+    map_file: str = ""  # the epn-cap-map-file, where new mappings go; "" when unset (epn_cap_map in config_path)
 
     @property
     def new(self):
@@ -378,6 +379,7 @@ def build_alert(config, gathered, previous, now):
         previous_sent_at=previous.sent_at,
         config_path=str(config.path),
         hostname=socket.gethostname(),
+        map_file=str(config.epn_cap_map_file or ""),
     )
 
 

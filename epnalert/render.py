@@ -114,6 +114,7 @@ def sample_alert(config, now=None):
         previous_sent_at=now - day,
         config_path=str(config.path),
         hostname=socket.gethostname(),
+        map_file=str(config.epn_cap_map_file or ""),
     )
 
 

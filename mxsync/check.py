@@ -26,21 +26,24 @@ def run_check(config_path, connect=False, name=None):
     shown = name or str(config.path)
     for warning in config.warnings:
         print(f"warning {_renamed(warning, path, shown)}", file=sys.stderr)
-    print(f"ok      config {shown}: {len(config.equipment)} equipment, {len(config.epn_cap_map)} mapped EPN numbers")
+    mapped = f"{len(config.epn_cap_map)} mapped EPN numbers"
+    if config.epn_cap_map_file is not None:
+        mapped += f" (epn_cap_map and {config.epn_cap_map_file})"
+    print(f"ok      config {shown}: {len(config.equipment)} equipment, {mapped}")
     problem = protected_home_problem()
     if problem:
         print(f"warning {problem}")
     if not connect:
         return 0
     failures = 0
-    for name, probe in _probes(config):
+    for item, probe in _probes(config):
         try:
             detail = probe()
         except MxsyncError as error:
             failures += 1
-            print(f"FAILED  {name}: {error}")
+            print(f"FAILED  {item}: {error}")
         else:
-            print(f"ok      {name}" + (f": {detail}" if detail else ""))
+            print(f"ok      {item}" + (f": {detail}" if detail else ""))
     return 1 if failures else 0
 
 

@@ -82,7 +82,8 @@ class Config:
     """The validated configuration; paths are absolute, durations in seconds unless named otherwise."""
 
     path: Path
-    epn_cap_map: dict
+    epn_cap_map: dict  # config.yml's epn_cap_map merged with the epn-cap-map-file's entries
+    epn_cap_map_file: Optional[Path]
     ignore_file: Path
     state_dir: Path
     equipment: tuple[Equipment, ...]
@@ -396,6 +397,7 @@ TOP_LEVEL = {
     "log-files": (None, None),  # checked by _check_log_files
     "log-max-bytes": (_integer(0), 10 * 1024 * 1024),
     "log-backup-count": (_integer(0, 1000), 5),
+    "epn-cap-map-file": (_string, None),  # read by _read_cap_map_file
 }
 
 EQUIPMENT_KEYS = {
@@ -788,6 +790,9 @@ def load_config(path, check_files=True):
         return None if value is None else (base_dir / os.path.expanduser(value)).resolve()
 
     cap_map = _check_cap_map(values["epn_cap_map"] or {}, collector)
+    cap_map_file = resolve("epn-cap-map-file")
+    if cap_map_file is not None:
+        cap_map = _merge_cap_map_file(cap_map, cap_map_file, path.name, collector)
     equipment = _check_equipment(values, collector)
     log_files = _check_log_files(values["log-files"], collector, resolve)
     smtp = _check_smtp(values, collector)
@@ -819,6 +824,7 @@ def load_config(path, check_files=True):
     return Config(
         path=path,
         epn_cap_map=cap_map,
+        epn_cap_map_file=cap_map_file,
         ignore_file=ignore_file,
         state_dir=state_dir,
         equipment=tuple(equipment),
@@ -882,25 +888,33 @@ def _read_yaml(path):
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(path, [f"cannot read the file: {error}"]) from None
     try:
-        raw = yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 (a safe loader)
-    except yaml.YAMLError:
-        raw = None  # read again below with the pure-Python loader, whose error marks point where people look
-    try:
-        raw = yaml.safe_load(text) if raw is None else raw
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(path, [f"{where}not valid YAML ({problem})"]) from None
+        raw = _parse_yaml(text)
+    except _Invalid as invalid:
+        raise ConfigError(path, [str(invalid)]) from None
     if not isinstance(raw, dict):
         raise ConfigError(path, [f"expected a mapping of settings at the top level, got {describe(raw)}"])
     return raw
 
 
-def _check_cap_map(raw_map, collector):
+def _parse_yaml(text):
+    """Return the YAML document in `text`; raise _Invalid saying where it does not parse."""
+    try:
+        return yaml.load(text, Loader=YAML_LOADER)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError:
+        pass  # read again below with the pure-Python loader, whose error marks point where people look
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise _Invalid(f"{where}not valid YAML ({problem})") from None
+
+
+def _check_cap_map(raw_map, collector, key_path_prefix="epn_cap_map."):
     cap_map = {}
     for number, project in raw_map.items():
-        key_path = f"epn_cap_map.{number}"
+        key_path = f"{key_path_prefix}{number}"
         if isinstance(project, int) and not isinstance(project, bool):
             project = str(project)  # HPC ASSyncy put the value into the path as text: 1234 is folder '1234'
         if isinstance(number, bool) or EPN_NUMBER_PATTERN.fullmatch(str(number)) is None:
@@ -919,6 +933,52 @@ def _check_cap_map(raw_map, collector):
         else:
             cap_map[str(number)] = project
     return cap_map
+
+
+def _merge_cap_map_file(cap_map, path, config_name, collector):
+    """Return config.yml's epn_cap_map with the entries of the epn-cap-map-file added; a number mapped twice
+    to different folders is a problem naming both places."""
+    key = "epn-cap-map-file"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        collector.problem(key, f"{path} does not exist; create it (an empty mapping {{}} is fine) or remove the key")
+        return cap_map
+    except UnicodeDecodeError:
+        collector.problem(key, f"{path}: not UTF-8 text; save it as UTF-8")
+        return cap_map
+    except OSError as error:
+        collector.problem(key, f"{path}: {error.strerror or error}; make it a file the tools' account can read")
+        return cap_map
+    try:
+        raw = _parse_yaml(text)
+    except _Invalid as invalid:
+        collector.problem(key, f"{path}: {invalid}")
+        return cap_map
+    if raw is None:
+        return cap_map  # an empty file (or comments only) maps nothing, like {}
+    if not isinstance(raw, dict):
+        collector.problem(
+            key, f"{path}: expected a mapping of EPN number to project folder ('\"12282\": ny79'), got {describe(raw)}"
+        )
+        return cap_map
+    if list(raw) == ["epn_cap_map"]:
+        # Copied from config.yml with its key: the entries belong at the top level of this file.
+        collector.problem(
+            key, f"{path}: write the entries at the top level ('\"12282\": ny79'), without 'epn_cap_map:'"
+        )
+        return cap_map
+    merged = dict(cap_map)
+    for number, project in _check_cap_map(raw, collector, f"{key}: {path}: ").items():
+        if merged.get(number, project) != project:
+            collector.problem(
+                f"{key}: {path}: {number}",
+                f"maps it to {describe(project)}, but {config_name} epn_cap_map.{number} maps it to "
+                f"{describe(merged[number])}; keep one of the two",
+            )
+        else:
+            merged[number] = project
+    return merged
 
 
 def _check_equipment(values, collector):

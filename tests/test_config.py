@@ -454,3 +454,155 @@ def test_equipment_written_with_no_value_is_refused_at_its_key(tmp_path):
     with pytest.raises(ConfigError) as raised:
         load_config(path, check_files=False)
     assert "config.yml: equipment: has no value; list the portal's equipment here" in str(raised.value)
+
+
+# ---------------------------------------------------------------- epn-cap-map-file
+
+
+def with_map_file(tmp_path, text, name="epn_cap_map.yml", key=None, **keys):
+    """Write `text` as the map file (None: no file) and the legacy sample naming it; return the config path."""
+    if text is not None:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    return write(tmp_path, {**legacy_data(), "epn-cap-map-file": key or name, **keys})
+
+
+def map_file_problems(tmp_path, text, **keys):
+    with pytest.raises(ConfigError) as raised:
+        load_config(with_map_file(tmp_path, text, **keys))
+    return raised.value.problems
+
+
+def test_map_file_entries_join_config_yml_entries(tmp_path):
+    text = '# added by staff\n"30001": ab12\n30002: 4567\n"12282": ny79\n'  # 12282: as config.yml has it
+    config = load_config(with_map_file(tmp_path, text))
+    assert config.epn_cap_map == {"12282": "ny79", "30001": "ab12", "30002": "4567"}
+    assert config.epn_cap_map_file == tmp_path / "epn_cap_map.yml"
+    assert config.project_for("30001") == "ab12" and config.warnings == ()
+
+
+@pytest.mark.parametrize("text", ["", "# nothing mapped yet\n", "{}\n"])
+def test_an_empty_map_file_maps_nothing_more(tmp_path, text):
+    assert load_config(with_map_file(tmp_path, text)).epn_cap_map == {"12282": "ny79"}
+
+
+def test_without_the_key_only_config_yml_maps(legacy_copy):
+    config = load_config(legacy_copy)
+    assert config.epn_cap_map == {"12282": "ny79"} and config.epn_cap_map_file is None
+
+
+def test_map_file_path_resolves_like_ignore(tmp_path, monkeypatch):
+    (tmp_path / "maps").mkdir()
+    monkeypatch.chdir(tmp_path / "maps")  # not the config's directory: relative means relative to config.yml
+    name = "your_path/etc/map.yml"  # beside the sample's ignore: your_path/etc/ignore.yml
+    config = load_config(with_map_file(tmp_path, '"30001": ab12\n', name=name, key="your_path/etc/../etc/map.yml"))
+    assert config.epn_cap_map_file == tmp_path / name
+    assert config.epn_cap_map_file.parent == config.ignore_file.parent
+    home = tmp_path / "home"
+    (home / "maps").mkdir(parents=True)
+    (home / "maps" / "map.yml").write_text('"30002": cd34\n')
+    monkeypatch.setenv("HOME", str(home))
+    assert load_config(with_map_file(tmp_path, None, key="~/maps/map.yml")).project_for("30002") == "cd34"
+
+
+def test_a_number_mapped_to_two_folders_names_both_places(tmp_path):
+    problems = map_file_problems(tmp_path, '"12282": zz99\n"30001": ab12\n')
+    path = tmp_path / "epn_cap_map.yml"
+    assert problems == [
+        f"epn-cap-map-file: {path}: 12282: maps it to 'zz99', but config.yml epn_cap_map.12282 maps it to 'ny79'; "
+        "keep one of the two"
+    ]
+
+
+def test_a_missing_map_file_names_the_file_and_the_key(tmp_path):
+    problems = map_file_problems(tmp_path, None, key=str(tmp_path / "x" / "epn_cap_map.yml"))
+    assert problems == [
+        f"epn-cap-map-file: {tmp_path}/x/epn_cap_map.yml does not exist; "
+        "create it (an empty mapping {} is fine) or remove the key"
+    ]
+
+
+def test_map_file_entries_are_checked_like_epn_cap_map_and_reported_with_the_rest(tmp_path):
+    text = '"30001": ../etc\nx1: ab12\n"30002":\n"30003": ok1\n'
+    with pytest.raises(ConfigError) as raised:
+        load_config(with_map_file(tmp_path, text, **{"max-tasks": 0}))
+    path = tmp_path / "epn_cap_map.yml"
+    message = str(raised.value)
+    assert f"config.yml: epn-cap-map-file: {path}: 30001: expected a project folder name" in message
+    assert f"config.yml: epn-cap-map-file: {path}: x1: expected an EPN number (digits only" in message
+    assert "config.yml: max-tasks: expected an integer of at least 1, got 0" in message
+    # The entry without a folder is a warning, as in config.yml, listed after the problems.
+    assert len(raised.value.problems) == 4
+    assert raised.value.problems[-1].startswith(f"epn-cap-map-file: {path}: 30002: no project folder given")
+
+
+def test_an_entry_without_a_folder_in_the_map_file_warns_and_stays_unmapped(tmp_path):
+    config = load_config(with_map_file(tmp_path, '"30002":\n"30003": ok1\n'))
+    assert config.epn_cap_map == {"12282": "ny79", "30003": "ok1"}
+    [warning] = config.warnings
+    assert f"epn-cap-map-file: {tmp_path / 'epn_cap_map.yml'}: 30002: no project folder given" in warning
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('"30001": ab12\n"30002": [cd34\n', "epn_cap_map.yml: line 3, column 1: not valid YAML"),
+        ('"30001": ab12\n  "30002": cd34\n', "epn_cap_map.yml: line 2, column 10: not valid YAML"),
+        ("- ab12\n", "epn_cap_map.yml: expected a mapping of EPN number to project folder"),
+        ("epn_cap_map:\n  '30001': ab12\n", "epn_cap_map.yml: write the entries at the top level"),
+        (b"\xff\xfe", "epn_cap_map.yml: not UTF-8 text"),
+    ],
+)
+def test_an_unusable_map_file_is_one_problem_naming_it(tmp_path, text, expected):
+    if isinstance(text, bytes):
+        (tmp_path / "epn_cap_map.yml").write_bytes(text)
+        text = None
+    [problem] = map_file_problems(tmp_path, text)
+    assert problem.startswith(f"epn-cap-map-file: {tmp_path}/") and expected in problem, problem
+
+
+def test_a_map_file_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "maps").mkdir()
+    [problem] = map_file_problems(tmp_path, None, key="maps")
+    assert problem.startswith(f"epn-cap-map-file: {tmp_path / 'maps'}: Is a directory; make it a file")
+
+
+def test_the_map_file_is_read_again_at_each_load(tmp_path):
+    path = with_map_file(tmp_path, '"30001": ab12\n')
+    assert load_config(path).project_for("30002") is None
+    with open(tmp_path / "epn_cap_map.yml", "a", encoding="utf-8") as stream:
+        stream.write('"30002": cd34\n')
+    assert load_config(path).project_for("30002") == "cd34"
+
+
+def test_a_large_map_file_loads_with_the_fast_loader(tmp_path, monkeypatch):
+    import mxsync.config
+
+    text = "".join(f'"{number}": p{number}\n' for number in range(100000, 110000))
+    path = with_map_file(tmp_path, text)
+    loaders = []
+    real_load = yaml.load
+    monkeypatch.setattr(yaml, "load", lambda text, Loader: loaders.append(Loader) or real_load(text, Loader=Loader))
+    config = load_config(path)
+    assert len(config.epn_cap_map) == 10001 and config.project_for("109999") == "p109999"
+    assert loaders == [mxsync.config.YAML_LOADER] * 2  # config.yml, then the map file
+
+
+def test_check_command_counts_the_map_file_and_refuses_a_missing_one_in_one_line(tmp_path):
+    path = with_map_file(tmp_path, '"30001": ab12\n')
+
+    def check():
+        command = [str(MXSYNC), "check", "--config", str(path)]
+        return subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+
+    result = check()
+    assert result.returncode == 0, result.stderr
+    map_file = tmp_path / "epn_cap_map.yml"
+    assert f"2 mapped EPN numbers (epn_cap_map and {map_file})" in result.stdout
+    map_file.unlink()
+    result = check()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"mxsync: error: {path}: epn-cap-map-file: {map_file} does not exist; "
+        "create it (an empty mapping {} is fine) or remove the key\n"
+    )

@@ -180,12 +180,13 @@ def test_printable_escapes_controls_and_line_separators(name, shown):
     assert len(printable(name).splitlines()) == 1
 
 
-def template_config(tmp_path, text=None, html=None, folder=None):
+def template_config(tmp_path, text=None, html=None, folder=None, map_file=None):
     """Return a stand-in for Config with just what rendering reads."""
     from types import SimpleNamespace
 
     return SimpleNamespace(
         path=tmp_path / "config.yml",
+        epn_cap_map_file=map_file,
         template_folder=folder,
         template_text=text,
         template_html=html,
@@ -233,6 +234,35 @@ def test_check_templates_names_file_and_line_of_a_broken_template(tmp_path, sour
         message = str(error.value)
         assert message.startswith(f"template {tmp_path / 'bad.j2'}, line {line}: ") and problem in message
         assert "\n" not in message
+
+
+def claim_instruction(text, html):
+    """Return the 'To claim one' sentence of each default part, as one line of text."""
+    html_text = BeautifulSoup(html, "html.parser").get_text(" ")
+    return tuple(
+        " ".join(re.search(r"To claim one,.*?ab12", part, re.DOTALL).group(0).split()) for part in (text, html_text)
+    )
+
+
+def test_the_claim_instruction_names_config_yml_or_the_map_file(tmp_path):
+    from epnalert.render import render_email, sample_alert
+
+    config = template_config(tmp_path)
+    text, html = render_email(config, sample_alert(config), SUBJECT)
+    assert claim_instruction(text, html) == (
+        f'To claim one, add its number and project folder to epn_cap_map in {tmp_path}/config.yml, e.g. "20001": ab12',
+        f'To claim one, add its number and project folder to epn_cap_map in {tmp_path}/config.yml , e.g. "20001": ab12',
+    )
+
+    map_file = tmp_path / 'maps <&> "x"' / "epn_cap_map.yml"  # a folder name that is markup in HTML
+    config = template_config(tmp_path, map_file=map_file)
+    text, html = render_email(config, sample_alert(config), SUBJECT)
+    assert claim_instruction(text, html) == (
+        f'To claim one, add its number and project folder to {map_file}, e.g. "20001": ab12',
+        f'To claim one, add its number and project folder to {map_file} , e.g. "20001": ab12',
+    )
+    assert "config.yml" not in text and "config.yml" not in html
+    assert "maps &lt;&amp;&gt; &#34;x&#34;" in html and "<&>" not in html
 
 
 def test_check_templates_names_a_missing_template(tmp_path):
@@ -487,6 +517,29 @@ def test_dry_run_prints_the_email_sends_nothing_and_keeps_state(facility):
     assert "NEW 20009a" in dry.stdout and "NEW 20001a" not in dry.stdout
     assert len(facility.smtp.messages) == 1 and (alert_note(facility), alerts_sent(facility)) == before
     assert len((facility.workdir / "log" / "email.log").read_text().splitlines()) == 1
+
+
+def test_with_a_map_file_the_alert_says_to_add_there_and_the_next_run_reads_it_again(facility):
+    populate(facility)
+    map_file = facility.workdir / "epn_cap_map.yml"
+    map_file.write_text('"12282": ny79\n')  # seeded with config.yml's own entry, as the Ansible role may do
+    config = facility.write_config(epn_cap_map_file=str(map_file))
+    ok(run_epnalert(config))
+    [received] = facility.smtp.wait_for(1)
+    text, html = bodies(received)
+    assert f"To claim one, add its number and project folder to\n{map_file}, e.g." in text
+    assert f"<code>{map_file}</code>" in html
+    assert "20001a" in table_rows(html)
+
+    with open(map_file, "a", encoding="utf-8") as stream:  # what staff do the morning after
+        stream.write('"20001": ab12\n')
+    ok(run_epnalert(config))
+    [_, received] = facility.smtp.wait_for(2)
+    assert set(table_rows(bodies(received)[1])) == {"20002b", "30003c", "30004a"}
+
+    map_file.unlink()
+    line = error_line(run_epnalert(config), returncode=2)
+    assert f"epn-cap-map-file: {map_file} does not exist; create it" in line
 
 
 def test_only_new_sends_only_when_something_new_appears(facility):

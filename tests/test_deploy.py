@@ -487,7 +487,11 @@ def test_check_mode_reports_a_config_change_without_showing_secrets(deployed):
     before = deployment.config_file.read_bytes()
     returncode, output = deployment.play("--check", "--diff", "-e", "mxsync_max_tasks=2")
     assert returncode == 0, output[-4000:]
-    assert _changed_tasks(output) == ["mxsync : Render config.yml"]
+    assert _changed_tasks(output) == [
+        "mxsync : Show the changes to config.yml, secrets masked",
+        "mxsync : Render config.yml",
+    ]
+    assert "\n-max-tasks: 1\n+max-tasks: 2\n" in output
     assert deployment.config_file.read_bytes() == before
     key = (deployment.base / "facility_key").read_text().splitlines()[1]
     assert "s3cret" not in output and key not in output

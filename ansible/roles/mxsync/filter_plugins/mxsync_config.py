@@ -86,7 +86,7 @@ def mxsync_config_upgrade(installed_text, rendered_text, key_variables, extra_ke
 
     Returns a dict: installed, adopted (installed but not written by the role), carried (keys kept), carried_yaml (the
     block to append), differences (one line per setting the role would change on adoption), relocated, cap_map (the
-    installed epn_cap_map, for the map file), diff (masked unified diff from installed to the new file).
+    installed epn_cap_map, for the map file), masked_installed and masked_new (both texts, secrets masked).
     """
     installed_text = installed_text or ""
     old = _mapping(installed_text)
@@ -116,14 +116,6 @@ def mxsync_config_upgrade(installed_text, rendered_text, key_variables, extra_ke
                     shown = f"installed {_show(old[key])}, role {_show(new[key])}"
                 differences.append(f"{key}: {shown} ({variable})")
     cap_map = old.get("epn_cap_map") if adopted and isinstance(old.get("epn_cap_map"), dict) else {}
-    final_text = rendered_text + carried_yaml
-    diff = difflib.unified_diff(
-        mask_secrets(installed_text).splitlines(),
-        mask_secrets(final_text).splitlines(),
-        fromfile=f"{path} (installed)",
-        tofile=f"{path} (from the role)",
-        lineterm="",
-    )
     return {
         "installed": bool(installed_text),
         "adopted": adopted,
@@ -132,7 +124,8 @@ def mxsync_config_upgrade(installed_text, rendered_text, key_variables, extra_ke
         "differences": differences,
         "relocated": relocated,
         "cap_map": {str(number): str(project) for number, project in (cap_map or {}).items()},
-        "diff": list(diff),
+        "masked_installed": mask_secrets(installed_text),
+        "masked_new": mask_secrets(rendered_text + carried_yaml),
     }
 
 

@@ -56,7 +56,11 @@ def _install_oldest(venv):
     """Create `venv` with ansible-core OLDEST from PyPI; mark it complete only when it runs."""
     shutil.rmtree(venv, ignore_errors=True)  # a half-made venv of an interrupted run
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    steps = ([sys.executable, "-m", "venv", str(venv)], [*pip, f"ansible-core=={OLDEST}"])
+    steps = (
+        [sys.executable, "-m", "venv", str(venv)],
+        [*pip, f"ansible-core=={OLDEST}"],
+        [str(venv / "bin" / "ansible-playbook"), "--version"],
+    )
     for command in steps:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -88,7 +92,7 @@ def played(request, tmp_path_factory):
     _require_root()
     _require_programs()
     ansible_bin = _oldest_ansible_bin() if request.param == "oldest" else Path(_tool("ansible-playbook")).parent
-    user = f"mxsync-ci-{request.param[:3]}-{os.getpid()}"
+    user = f"mxsync-ci-core-{request.param}-{os.getpid()}"  # unique to this file and this process
     _remove_account(user)
     deployment = Deployment(tmp_path_factory.mktemp(f"versions-{request.param}"), user, ansible_bin)
     deployment.write_variables()

@@ -338,9 +338,11 @@ def test_ansible_lint_is_clean():
 class Deployment:
     """One throwaway install: its paths, and a way to run the playbook against it."""
 
-    def __init__(self, base, user):
+    def __init__(self, base, user, ansible_bin=None):
         self.base = base
         self.user = user
+        # The folder of the ansible-playbook to run (another ansible-core); default, this venv's.
+        self.ansible_bin = ansible_bin
         self.prefix = base / "opt" / "mx_sync"
         self.unit_dir = base / "systemd"
         self.destination = base / "scratch"
@@ -426,8 +428,9 @@ class Deployment:
     def play(self, *extra):
         """Run the playbook on localhost with these variables; return (returncode, output)."""
         interpreter = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+        playbook = str(self.ansible_bin / "ansible-playbook") if self.ansible_bin else _tool("ansible-playbook")
         command = [
-            _tool("ansible-playbook"),
+            playbook,
             "-i",
             "localhost,",
             "-c",

@@ -12,7 +12,6 @@ import pwd
 import shutil
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml

@@ -652,8 +652,11 @@ def test_ignore_file_of_hpc_assyncy_is_taken_over_once(deployed):
         f"mxsync_ignore_import_from={legacy}",
     )
     assert returncode == 0, output[-4000:]
-    assert (state_dir / "ignore.yml").read_bytes() == legacy.read_bytes()
+    assert (state_dir / "ignore.yml").read_bytes() == PREVIOUSLY_SYNCHED + b"- 99999z\n"
     assert (state_dir / "ignore.yml").stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
+    # Retired once imported: were the new file deleted, the old record would not come back.
+    assert not legacy.exists()
+    assert legacy.with_name("ignore.yml.imported").read_bytes() == PREVIOUSLY_SYNCHED + b"- 99999z\n"
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,8 @@ def test_check_mode_on_the_old_host_shows_the_config_diff_masked_and_changes_not
     assert f"+++ after: {deployment.config_file} (from the role, secrets masked)" in output
     assert "\n+visit-day-range: 200\n" in output
     assert "\n-log-level: logging.DEBUG\n" in output and '\n+log-level: "DEBUG"\n' in output
-    assert "\n+epnalert-template-text: epnalert-text.j2\n" in output
+    assert "\n+# --- carried over: keys the role does not set" in output
+    assert "\n epnalert-template-text: epnalert-text.j2\n" in output  # the same line, now in the carried section
     assert '\n+epnalert-email-smtp-password: "********"\n' in output
     assert "password: \"********\", client_name: 'cl'" in output  # the old flow-style equipment, masked
     key = (deployment.base / "facility_key").read_text().splitlines()[1]

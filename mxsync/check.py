@@ -2,38 +2,54 @@
 
 import logging
 import sys
+from pathlib import Path
 
 from mxsync.config import load_config
 from mxsync.environment import protected_home_problem
-from mxsync.errors import MxsyncError
+from mxsync.errors import ConfigError, MxsyncError
 
 logger = logging.getLogger("mxsync.check")
 
 
-def run_check(config_path, connect=False):
-    """Print one ok/failed line per item; return 0 only if everything passed (a bad config raises ConfigError)."""
-    config = load_config(config_path)
+def run_check(config_path, connect=False, name=None):
+    """Print one ok/failed line per item; return 0 only if everything passed (a bad config raises ConfigError).
+
+    `name` is what messages call the config file: the Ansible role checks a temporary copy of the config.yml it installs.
+    """
+    path = str(Path(config_path).expanduser().absolute())
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        if name is None or error.path != path:
+            raise
+        raise ConfigError(name, [problem.replace(path, name) for problem in error.problems]) from None
+    shown = name or str(config.path)
     for warning in config.warnings:
-        print(f"warning {warning}", file=sys.stderr)
+        print(f"warning {_renamed(warning, path, shown)}", file=sys.stderr)
     mapped = f"{len(config.epn_cap_map)} mapped EPN numbers"
     if config.epn_cap_map_file is not None:
         mapped += f" (epn_cap_map and {config.epn_cap_map_file})"
-    print(f"ok      config {config.path}: {len(config.equipment)} equipment, {mapped}")
+    print(f"ok      config {shown}: {len(config.equipment)} equipment, {mapped}")
     problem = protected_home_problem()
     if problem:
         print(f"warning {problem}")
     if not connect:
         return 0
     failures = 0
-    for name, probe in _probes(config):
+    for item, probe in _probes(config):
         try:
             detail = probe()
         except MxsyncError as error:
             failures += 1
-            print(f"FAILED  {name}: {error}")
+            print(f"FAILED  {item}: {error}")
         else:
-            print(f"ok      {name}" + (f": {detail}" if detail else ""))
+            print(f"ok      {item}" + (f": {detail}" if detail else ""))
     return 1 if failures else 0
+
+
+def _renamed(message, path, name):
+    """Given a message starting with the config's path, return it starting with `name` instead."""
+    return name + message[len(path) :] if message.startswith(path + ":") else message
 
 
 def _probes(config):

@@ -33,6 +33,11 @@ def build_parser():
     check.add_argument(
         "--connect", action="store_true", help="also check files, destination, SSH/SFTP, portal tokens and SMTP"
     )
+    check.add_argument(
+        "--name",
+        metavar="PATH",
+        help="call the config file PATH in messages (for a copy checked before it replaces PATH)",
+    )
 
     status = commands.add_parser("status", help="show each EPN of the visits in range and its sync state")
     add_config_argument(status)
@@ -69,7 +74,7 @@ def dispatch(arguments):
     if arguments.command == "check":
         from mxsync.check import run_check
 
-        return run_check(arguments.config, connect=arguments.connect)
+        return run_check(arguments.config, connect=arguments.connect, name=arguments.name)
     if arguments.command == "status":
         from mxsync.status import run_status
 

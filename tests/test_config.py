@@ -277,6 +277,22 @@ def test_check_command_exits_2_naming_the_refused_option(legacy_copy):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+def test_check_command_names_the_file_as_told_for_a_copy_checked_before_it_is_installed(legacy_copy):
+    # The Ansible role checks a temporary copy; its messages must name the config.yml it will replace.
+    installed = "/opt/mx_sync/etc/config.yml"
+    command = [str(MXSYNC), "check", "--config", str(legacy_copy), "--name", installed]
+    good = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.startswith(f"ok      config {installed}: ")
+    legacy_copy.write_text(yaml.safe_dump({**legacy_data(), "visit-day-range": "x"}))
+    legacy_copy.chmod(0o644)
+    bad = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    assert bad.returncode == 2
+    assert f"mxsync: error: {installed}: visit-day-range: expected a number, got 'x'" in bad.stderr
+    assert f"run: chmod 600 {installed}" in bad.stderr
+    assert str(legacy_copy) not in bad.stderr
+
+
 def test_missing_key_file_is_a_config_problem_at_its_key(tmp_path, legacy_copy, legacy_key_file):
     legacy_key_file.unlink()
     with pytest.raises(ConfigError) as raised:

@@ -385,6 +385,8 @@ class Deployment:
             "mxsync_prefix": str(self.prefix),
             "mxsync_systemd_unit_dir": str(self.unit_dir),
             "mxsync_manage_service": False,
+            # sftp.example.org does not exist: tests/test_deploy_upgrade_cron.py runs the check against the facility.
+            "mxsync_check_connect": False,
             "mxsync_user": self.user,
             "mxsync_group": self.user,
             "mxsync_host": "sftp.example.org",
@@ -490,7 +492,11 @@ def test_check_mode_reports_a_config_change_without_showing_secrets(deployed):
     before = deployment.config_file.read_bytes()
     returncode, output = deployment.play("--check", "--diff", "-e", "mxsync_max_tasks=2")
     assert returncode == 0, output[-4000:]
-    assert _changed_tasks(output) == ["mxsync : Render config.yml"]
+    assert _changed_tasks(output) == [
+        "mxsync : Show the changes to config.yml, secrets masked",
+        "mxsync : Render config.yml",
+    ]
+    assert "\n-max-tasks: 1\n+max-tasks: 2\n" in output
     assert deployment.config_file.read_bytes() == before
     key = (deployment.base / "facility_key").read_text().splitlines()[1]
     assert "s3cret" not in output and key not in output
@@ -648,8 +654,11 @@ def test_ignore_file_of_hpc_assyncy_is_taken_over_once(deployed):
         f"mxsync_ignore_import_from={legacy}",
     )
     assert returncode == 0, output[-4000:]
-    assert (state_dir / "ignore.yml").read_bytes() == legacy.read_bytes()
+    assert (state_dir / "ignore.yml").read_bytes() == PREVIOUSLY_SYNCHED + b"- 99999z\n"
     assert (state_dir / "ignore.yml").stat().st_uid == pwd.getpwnam(TEST_USER).pw_uid
+    # Retired once imported: were the new file deleted, the old record would not come back.
+    assert not legacy.exists()
+    assert legacy.with_name("ignore.yml.imported").read_bytes() == PREVIOUSLY_SYNCHED + b"- 99999z\n"
 
 
 @pytest.mark.parametrize(
@@ -752,7 +761,13 @@ def test_every_role_variable_has_a_commented_default_and_an_argument_spec():
     # Every variable the role uses is one of them.
     used = set()
     for path in ROLE.rglob("*"):
-        if path.is_file():
+        # Ansible leaves the bytecode of the role's filter plugins in __pycache__ (without PYTHONDONTWRITEBYTECODE).
+        if path.is_file() and path.suffix != ".py" and "__pycache__" not in path.parts:
             text = re.sub(r"^\s*tags:.*$", "", path.read_text(), flags=re.MULTILINE)  # tags are not variables
             used |= set(re.findall(r"(?<![\w])mxsync_[a-z_]+", text))
+    # The role's own filters and actions are named mxsync_* too, and are not variables.
+    plugins = {path.stem for path in (ROLE / "action_plugins").glob("*.py")}
+    for path in (ROLE / "filter_plugins").glob("*.py"):
+        plugins |= set(re.findall(r'"(mxsync_\w+)": ', path.read_text()))
+    used -= plugins
     assert used <= set(defaults), f"used but not documented: {sorted(used - set(defaults))}"

@@ -1156,8 +1156,6 @@ def _check_on_synced(value, collector):
                 collector.problem(
                     f"{key_path}[{position}]", f"unknown placeholder {', '.join(unknown)}; known: {known}"
                 )
-            elif CONTROL_CHARACTERS.search(argument):
-                collector.problem(f"{key_path}[{position}]", "holds a control character (a newline?)")
             arguments.append(argument)
         commands.append(tuple(arguments))
     return tuple(commands)

@@ -130,6 +130,10 @@ class Config:
     log_files: LogFiles
     log_max_bytes: int
     log_backup_count: int
+    # False, True, or a tuple of the projects whose scientists are emailed when an EPN is recorded.
+    notify_scientists: object
+    notify_scientists_exclude: tuple[str, ...]  # bare addresses, lowercased
+    notify_scientists_template_folder: Optional[Path]
     warnings: tuple[str, ...] = ()
 
     def project_for(self, epn_number):
@@ -398,6 +402,9 @@ TOP_LEVEL = {
     "log-max-bytes": (_integer(0), 10 * 1024 * 1024),
     "log-backup-count": (_integer(0, 1000), 5),
     "epn-cap-map-file": (_string, None),  # read by _read_cap_map_file
+    "notify-scientists": (None, False),  # checked by _check_notify_scientists
+    "notify-scientists-exclude": (_email_list, None),
+    "notify-scientists-template-folder": (_string, None),
 }
 
 EQUIPMENT_KEYS = {
@@ -813,6 +820,7 @@ def load_config(path, check_files=True):
         _check_ssh_file(key, resolve(key), values, collector)
     _check_waiting_for_data(values, collector)
     _check_settle(values, collector)
+    notify_scientists = _check_notify_scientists(values["notify-scientists"], cap_map, collector)
 
     passwords = any(e.password or e.client_password for e in equipment) or smtp.password
     _warn_if_readable_by_others(path, passwords, collector)
@@ -870,6 +878,11 @@ def load_config(path, check_files=True):
         log_files=log_files,
         log_max_bytes=values["log-max-bytes"],
         log_backup_count=values["log-backup-count"],
+        notify_scientists=notify_scientists,
+        notify_scientists_exclude=tuple(
+            getaddresses([address])[0][1].lower() for address in values["notify-scientists-exclude"] or ()
+        ),
+        notify_scientists_template_folder=resolve("notify-scientists-template-folder"),
         warnings=tuple(f"{path}: {warning}" for warning in collector.warnings),
     )
 
@@ -1114,6 +1127,26 @@ def _check_waiting_for_data(values, collector):
             f"{hours:g} hours is beyond visit-day-range ({days} days), "
             "whose visits are the only ones looked at, so this alert would never come",
         )
+
+
+def _check_notify_scientists(value, cap_map, collector):
+    """Return False, True or a tuple of project names; a problem is reported at the item's key path."""
+    expected = "true, false or a list of project names (e.g. [ny79])"
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list):
+        collector.problem("notify-scientists", f"expected {expected}, got {describe(value)}")
+        return False
+    if not value:
+        collector.problem("notify-scientists", "an empty list emails nobody; write false, or list project names")
+        return False
+    projects = set(cap_map.values())
+    for index, project in enumerate(value):
+        if not is_project(project):
+            collector.problem(f"notify-scientists[{index}]", f"expected a project name, got {describe(project)}")
+        elif project not in projects:
+            collector.warning(f"notify-scientists[{index}]", f"project {project} is not in epn_cap_map")
+    return tuple(value)
 
 
 def _check_settle(values, collector):

@@ -7,10 +7,11 @@ Names and addresses come from the portal: names are shown escaped, addresses mus
 
 import logging
 import socket
+from datetime import datetime
 from email.headerregistry import Address
 from email.utils import formatdate, make_msgid
 
-from epnalert.render import printable, render_pair
+from epnalert.render import format_time, printable, render_pair
 from mxsync.config import EMAIL_PATTERN
 from mxsync.errors import FollowUpError, MailError
 from mxsync.mail import build_message, send_message
@@ -47,11 +48,11 @@ class NotifyScientists:
         if not people:
             logger.info("%s: no scientist with an email address (after notify-scientists-exclude); none emailed", epn)
             return
-        shown = ", ".join(header for header, _ in people)
+        shown = ", ".join(map(str, people))
         if dry_run:
             logger.info("%s: would email %s", epn, shown)
             return
-        envelope = [email for _, email in people]
+        envelope = [person.addr_spec for person in people]
         try:
             message = self.message(record, people)
             answer = send_message(self.config.smtp, message, envelope)
@@ -63,7 +64,7 @@ class NotifyScientists:
         logger.info("%s: emailed %s (%s)", epn, shown, answer)
 
     def recipients(self, record):
-        """Return [(header address, bare address)] of the principal and data scientists: each address once, none excluded."""
+        """Return the principal's and data scientists' Addresses: each address once, none excluded, names on one line."""
         epn = printable(str(record["epn"]))
         excluded = set(self.config.notify_scientists_exclude)
         found = {}
@@ -78,14 +79,14 @@ class NotifyScientists:
                 continue
             if email.lower() in excluded or email.lower() in found:
                 continue
-            found[email.lower()] = (str(Address(display_name=name, addr_spec=email)), email)
+            found[email.lower()] = Address(display_name=name, addr_spec=email)
         return list(found.values())
 
     def message(self, record, people):
         """Return the email (text and HTML) for this record, to these recipients (from recipients())."""
         values = self.values(record, people)
         text, html = render_pair(self.config.notify_scientists_template_folder, TEXT_TEMPLATE, HTML_TEMPLATE, values)
-        message = build_message(values["subject"], self.config.email_from, [header for header, _ in people], text, html)
+        message = build_message(values["subject"], self.config.email_from, list(map(str, people)), text, html)
         message["Reply-To"] = ", ".join(self.config.mxsync_email_to)
         message["Date"] = formatdate(localtime=True)
         message["Message-ID"] = make_msgid(domain=self.config.email_from.rpartition("@")[2].rstrip(">"))
@@ -97,17 +98,16 @@ class NotifyScientists:
 
         epn = printable(str(record["epn"]))
         files, size = record.get("files"), record.get("bytes")
-        names = [_one_line(person.get("name") or "") for person in _people(record)]
         return {
             "subject": f"Your data from EPN {epn} is at {self.hostname}",
             "epn": epn,
             "project": printable(str(record.get("project") or UNKNOWN)),
             "destination": printable(str(record["destination"])),
             "beamline": printable(str(record.get("beamline") or UNKNOWN)),
-            "visit_start": printable(str(record.get("visit_start") or UNKNOWN)),
-            "visit_end": printable(str(record.get("visit_end") or UNKNOWN)),
-            "names": [name for name in dict.fromkeys(names) if name],
-            "recipients": [header for header, _ in people],
+            "visit_start": _when(record.get("visit_start")),
+            "visit_end": _when(record.get("visit_end")),
+            "names": [person.display_name for person in people if person.display_name],
+            "recipients": list(map(str, people)),
             "files": f"{files:,}" if isinstance(files, int) else UNKNOWN,
             "size": human_bytes(size) if isinstance(size, int) else UNKNOWN,
             "bytes": f"{size:,}" if isinstance(size, int) else UNKNOWN,
@@ -140,6 +140,16 @@ def check_templates(config):
 
 def _people(record):
     return [person for person in [record.get("principal")] + list(record.get("scientists") or ()) if person]
+
+
+def _when(text):
+    """Given an ISO 8601 time (or None), return it as epnalert shows times ('2024-04-28 09:00 +10:00')."""
+    if not text:
+        return UNKNOWN
+    try:
+        return format_time(datetime.fromisoformat(str(text)))
+    except ValueError:
+        return _one_line(text)
 
 
 def _one_line(text):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mxsync.config import load_config
-from mxsync.errors import ConfigError, FollowUpError
+from mxsync.errors import ConfigError, FollowUpError, MailError
 from mxsync.scientists import NotifyScientists, check_templates
 from tests.facility import SmtpSink
 from tests.test_config import LEGACY, legacy_key_file  # noqa: F401 - the key the sample names, as a fixture
@@ -212,3 +212,19 @@ def test_config_values(tmp_path):
     assert any("notify-scientists[1]: project zz99 is not in epn_cap_map" in warning for warning in config.warnings)
     assert config_for(tmp_path).notify_scientists is False
     assert config_for(tmp_path).notify_scientists_template_folder is None
+
+
+def test_mxsync_check_renders_the_scientists_templates_only_when_the_email_is_on(tmp_path):
+    from mxsync.check import _probes
+
+    def probe_names(config):
+        return [name for name, _ in _probes(config)]
+
+    assert "scientists' email templates" not in probe_names(config_for(tmp_path))
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "synced-text.j2").write_text("{% if %}\n", encoding="utf-8")
+    config = config_for(tmp_path, notify_scientists=["ny79"], notify_scientists_template_folder=str(folder))
+    probe = dict(_probes(config))["scientists' email templates"]
+    with pytest.raises(MailError, match=r"synced-text.j2, line 1: "):
+        probe()

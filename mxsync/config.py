@@ -131,6 +131,10 @@ class Config:
     log_files: LogFiles
     log_max_bytes: int
     log_backup_count: int
+    # False, True, or a tuple of the projects whose scientists are emailed when an EPN is recorded.
+    notify_scientists: object
+    notify_scientists_exclude: tuple[str, ...]  # bare addresses, lowercased
+    notify_scientists_template_folder: Optional[Path]
     # on-synced: commands run once an EPN is recorded (mxsync.hooks), each a tuple of arguments.
     on_synced: tuple[tuple[str, ...], ...] = ()
     on_synced_timeout: float = 600.0
@@ -406,6 +410,9 @@ TOP_LEVEL = {
     "on-synced": (None, ()),  # checked by _check_on_synced
     "on-synced-timeout": (_number(1, 86400), 600.0),
     "on-synced-retries": (_integer(1, 100), 3),
+    "notify-scientists": (None, False),  # checked by _check_notify_scientists
+    "notify-scientists-exclude": (_email_list, None),
+    "notify-scientists-template-folder": (_string, None),
 }
 
 EQUIPMENT_KEYS = {
@@ -822,6 +829,7 @@ def load_config(path, check_files=True):
     _check_waiting_for_data(values, collector)
     _check_settle(values, collector)
     on_synced = _check_on_synced(values["on-synced"], collector)
+    notify_scientists = _check_notify_scientists(values["notify-scientists"], cap_map, collector)
 
     passwords = any(e.password or e.client_password for e in equipment) or smtp.password
     _warn_if_readable_by_others(path, passwords, collector)
@@ -882,6 +890,11 @@ def load_config(path, check_files=True):
         on_synced=on_synced,
         on_synced_timeout=values["on-synced-timeout"],
         on_synced_retries=values["on-synced-retries"],
+        notify_scientists=notify_scientists,
+        notify_scientists_exclude=tuple(
+            getaddresses([address])[0][1].lower() for address in values["notify-scientists-exclude"] or ()
+        ),
+        notify_scientists_template_folder=resolve("notify-scientists-template-folder"),
         warnings=tuple(f"{path}: {warning}" for warning in collector.warnings),
     )
 
@@ -1169,6 +1182,26 @@ def _check_waiting_for_data(values, collector):
             f"{hours:g} hours is beyond visit-day-range ({days} days), "
             "whose visits are the only ones looked at, so this alert would never come",
         )
+
+
+def _check_notify_scientists(value, cap_map, collector):
+    """Return False, True or a tuple of project names; a problem is reported at the item's key path."""
+    expected = "true, false or a list of project names (e.g. [ny79])"
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list):
+        collector.problem("notify-scientists", f"expected {expected}, got {describe(value)}")
+        return False
+    if not value:
+        collector.problem("notify-scientists", "an empty list emails nobody; write false, or list project names")
+        return False
+    projects = set(cap_map.values())
+    for index, project in enumerate(value):
+        if not is_project(project):
+            collector.problem(f"notify-scientists[{index}]", f"expected a project name, got {describe(project)}")
+        elif project not in projects:
+            collector.warning(f"notify-scientists[{index}]", f"project {project} is not in epn_cap_map")
+    return tuple(value)
 
 
 def _check_settle(values, collector):

@@ -13,6 +13,7 @@ from mxsync.errors import FollowUpError, TransferStopped
 from mxsync.events import Recording
 from mxsync.hooks import hooks_from_config
 from mxsync.names import epn_number
+from mxsync.scientists import NotifyScientists
 
 logger = logging.getLogger("mxsync.followups")
 
@@ -20,7 +21,8 @@ logger = logging.getLogger("mxsync.followups")
 def follow_up_actions(config):
     """Return the follow-up actions the config asks for, in the order they run."""
     actions = list(hooks_from_config(config))
-    # The scientists' email joins here: actions.append(NotifyScientists(config)) when config asks for it.
+    if config.notify_scientists:
+        actions.append(NotifyScientists(config))
     return actions
 
 

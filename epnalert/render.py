@@ -77,6 +77,19 @@ def check_templates(config):
     return detail
 
 
+def render_pair(folder, text_name, html_name, values):
+    """Render a text and an HTML template, each from `folder` when it has it, else the built-in one; return both.
+
+    Strict (an undefined name is an error), HTML autoescaped; a failure is one MailError naming file and line.
+    """
+    loader = _package_loader()
+    if folder is not None:
+        loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(str(folder)), loader])
+    text = _render(_environment(loader, html=False, strict=True), text_name, values)
+    html = _render(_environment(loader, html=True, strict=True), html_name, values)
+    return text, html
+
+
 def sample_alert(config, now=None):
     """Return an Alert of made-up EPNs with awkward names (non-ASCII, HTML, a line break), a failed source and a suspicious name."""
     import socket

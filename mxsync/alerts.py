@@ -50,3 +50,27 @@ def send_failure_alert(config, epns, sources):
         return False
     logger.warning("Sent a failure alert about %s to %s (%s)", what, ", ".join(config.mxsync_email_to), answer)
     return True
+
+
+def send_followup_alert(config, epn, action, attempts, error):
+    """Email staff that a follow-up of a recorded EPN gave up; return True if the email went out."""
+    what = f"{epn} {action}"
+    lines = [
+        f"mxsync gave up on {action} for EPN {epn} after {attempts} attempt(s).",
+        "",
+        f"  last error: {error}",
+        "",
+        f"{epn} is synced, verified and stays recorded in ignore.yml; only this follow-up did not happen.",
+        "Run it by hand, or fix the cause: mxsync does not try it again.",
+        f"Log: {config.log_files.sync or 'the service journal'}",
+    ]
+    message = build_message(
+        f"mxsync: {action} failed for {epn}", config.email_from, config.mxsync_email_to, "\n".join(lines) + "\n"
+    )
+    try:
+        answer = send_message(config.smtp, message, config.mxsync_email_to)
+    except MailError as mail_error:
+        logger.error("Could not send the follow-up alert about %s: %s", what, mail_error)
+        return False
+    logger.warning("Sent a follow-up alert about %s to %s (%s)", what, ", ".join(config.mxsync_email_to), answer)
+    return True

@@ -67,6 +67,10 @@ def _probes(config):
         if path is not None:
             yield key, lambda path=path, key=key: _readable(key, path)
     yield "epnalert templates", lambda: check_templates(config)
+    if config.notify_scientists:
+        from mxsync import scientists
+
+        yield "scientists' email templates", lambda: scientists.check_templates(config)
     yield "state directory", lambda: _writable_folder(config.state_dir)
     if config.ignore_file.parent != config.state_dir:
         yield "ignore file folder", lambda: _writable_folder(config.ignore_file.parent)

@@ -20,6 +20,7 @@ from typing import Optional
 import yaml
 
 from mxsync.errors import ConfigError
+from mxsync.hooks import PLACEHOLDERS, unknown_placeholders
 from mxsync.names import EPN_NUMBER_PATTERN, describe, is_project
 
 logger = logging.getLogger("mxsync.config")
@@ -130,6 +131,14 @@ class Config:
     log_files: LogFiles
     log_max_bytes: int
     log_backup_count: int
+    # False, True, or a tuple of the projects whose scientists are emailed when an EPN is recorded.
+    notify_scientists: object
+    notify_scientists_exclude: tuple[str, ...]  # bare addresses, lowercased
+    notify_scientists_template_folder: Optional[Path]
+    # on-synced: commands run once an EPN is recorded (mxsync.hooks), each a tuple of arguments.
+    on_synced: tuple[tuple[str, ...], ...] = ()
+    on_synced_timeout: float = 600.0
+    on_synced_retries: int = 3
     warnings: tuple[str, ...] = ()
 
     def project_for(self, epn_number):
@@ -398,6 +407,12 @@ TOP_LEVEL = {
     "log-max-bytes": (_integer(0), 10 * 1024 * 1024),
     "log-backup-count": (_integer(0, 1000), 5),
     "epn-cap-map-file": (_string, None),  # read by _read_cap_map_file
+    "on-synced": (None, ()),  # checked by _check_on_synced
+    "on-synced-timeout": (_number(1, 86400), 600.0),
+    "on-synced-retries": (_integer(1, 100), 3),
+    "notify-scientists": (None, False),  # checked by _check_notify_scientists
+    "notify-scientists-exclude": (_email_list, None),
+    "notify-scientists-template-folder": (_string, None),
 }
 
 EQUIPMENT_KEYS = {
@@ -813,6 +828,8 @@ def load_config(path, check_files=True):
         _check_ssh_file(key, resolve(key), values, collector)
     _check_waiting_for_data(values, collector)
     _check_settle(values, collector)
+    on_synced = _check_on_synced(values["on-synced"], collector)
+    notify_scientists = _check_notify_scientists(values["notify-scientists"], cap_map, collector)
 
     passwords = any(e.password or e.client_password for e in equipment) or smtp.password
     _warn_if_readable_by_others(path, passwords, collector)
@@ -870,6 +887,14 @@ def load_config(path, check_files=True):
         log_files=log_files,
         log_max_bytes=values["log-max-bytes"],
         log_backup_count=values["log-backup-count"],
+        on_synced=on_synced,
+        on_synced_timeout=values["on-synced-timeout"],
+        on_synced_retries=values["on-synced-retries"],
+        notify_scientists=notify_scientists,
+        notify_scientists_exclude=tuple(
+            getaddresses([address])[0][1].lower() for address in values["notify-scientists-exclude"] or ()
+        ),
+        notify_scientists_template_folder=resolve("notify-scientists-template-folder"),
         warnings=tuple(f"{path}: {warning}" for warning in collector.warnings),
     )
 
@@ -1106,6 +1131,49 @@ def _check_ssh_file(key, path, values, collector):
         )
 
 
+def _check_on_synced(value, collector):
+    """Return on-synced as a tuple of argument tuples; every problem is reported at its own key path."""
+    if value is None or value == ():
+        return ()
+    example = "e.g. on-synced: [[sbatch, /opt/jobs/process.sh, '{destination}']]"
+    if not isinstance(value, list):
+        collector.problem("on-synced", f"expected a list of commands, each an argument list; {example}")
+        return ()
+    if not value:
+        collector.problem("on-synced", "is an empty list; leave the key out for no hooks")
+        return ()
+    commands = []
+    for index, command in enumerate(value):
+        key_path = f"on-synced[{index}]"
+        if isinstance(command, str):
+            collector.problem(
+                key_path,
+                f"an argument list, not a shell string: write {describe(command)} as [program, argument, ...]; "
+                "no shell runs it",
+            )
+            continue
+        if not isinstance(command, list) or not command:
+            collector.problem(
+                key_path, f"expected a non-empty argument list [program, argument, ...], got {describe(command)}"
+            )
+            continue
+        arguments = []
+        for position, argument in enumerate(command):
+            if isinstance(argument, bool) or not isinstance(argument, (str, int, float)) or argument == "":
+                collector.problem(f"{key_path}[{position}]", f"expected a non-empty string, got {describe(argument)}")
+                continue
+            argument = str(argument)
+            unknown = unknown_placeholders(argument)
+            if unknown:
+                known = ", ".join(f"{{{name}}}" for name in PLACEHOLDERS)
+                collector.problem(
+                    f"{key_path}[{position}]", f"unknown placeholder {', '.join(unknown)}; known: {known}"
+                )
+            arguments.append(argument)
+        commands.append(tuple(arguments))
+    return tuple(commands)
+
+
 def _check_waiting_for_data(values, collector):
     hours, days = values["waiting-for-data-alert-hours"], values["visit-day-range"]
     if hours is not None and days is not None and hours > days * 24:
@@ -1114,6 +1182,26 @@ def _check_waiting_for_data(values, collector):
             f"{hours:g} hours is beyond visit-day-range ({days} days), "
             "whose visits are the only ones looked at, so this alert would never come",
         )
+
+
+def _check_notify_scientists(value, cap_map, collector):
+    """Return False, True or a tuple of project names; a problem is reported at the item's key path."""
+    expected = "true, false or a list of project names (e.g. [ny79])"
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list):
+        collector.problem("notify-scientists", f"expected {expected}, got {describe(value)}")
+        return False
+    if not value:
+        collector.problem("notify-scientists", "an empty list emails nobody; write false, or list project names")
+        return False
+    projects = set(cap_map.values())
+    for index, project in enumerate(value):
+        if not is_project(project):
+            collector.problem(f"notify-scientists[{index}]", f"expected a project name, got {describe(project)}")
+        elif project not in projects:
+            collector.warning(f"notify-scientists[{index}]", f"project {project} is not in epn_cap_map")
+    return tuple(value)
 
 
 def _check_settle(values, collector):

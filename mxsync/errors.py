@@ -69,3 +69,7 @@ class UnsafeNameError(MxsyncError):
 
 class StoreError(MxsyncError):
     """The state store (<state-dir>/mxsync.db) cannot be opened or written; the caller decides whether to go on."""
+
+
+class FollowUpError(MxsyncError):
+    """A follow-up of a record (an on-synced hook, an email) failed; it is retried in later cycles."""

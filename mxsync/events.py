@@ -32,6 +32,8 @@ class PassEnded:
     message: Optional[str] = None  # why it failed, or why there is no data
     figures: Optional[str] = None  # files, bytes, seconds, rate of an "ok" pass
     alert: bool = True  # False: a live pass's failure, retried later and never alerted
+    files: Optional[int] = None  # of an "ok" pass: the EPN's files and their bytes, as the source listed them
+    bytes: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,9 @@ class HistoryListener:
             # A final pass's end also counts for the EPN's failures (or clears them); a live pass's never does.
             token = self._passes.pop(event.epn, None)
             if token is not None:
-                history.pass_finished(token, event.outcome, event.message)
+                history.pass_finished(
+                    token, event.outcome, event.message, files=event.files, bytes_transferred=event.bytes
+                )
             elif event.outcome == "failed" and event.alert:
                 history.epn_finished(event.epn, error=event.message)
         elif isinstance(event, Recording):

@@ -24,6 +24,7 @@ PASS_KINDS = ("live", "final")
 PASS_OUTCOMES = ("ok", "failed", "no-data", "stopped")
 # The alert kinds of the store's alerts table this module writes (the import of the JSON history writes them too).
 EPN_ALERT, SOURCE_ALERT = "epn-failure", "source-failure"
+FOLLOWUP_ALERT = "followup"
 # A pass still open in the store that started before this process could not be finished by it: a crash cut it off.
 _PROCESS_STARTED = datetime.now(timezone.utc)
 
@@ -250,6 +251,33 @@ class History:
         if found is _NO_ANSWER:  # the store cannot answer: what this process did, as last_pass gives it
             return {epn: (_last_pass_maker()(*recent), 0) for epn, recent in self._recent.items()}
         return {epn: (_last_pass(transfer), failures) for epn, (transfer, failures) in found.items()}
+
+    # ------------------------------------------------------------ follow-ups of a record (mxsync.followups)
+
+    def followup_queue(self, epn, actions):
+        self._call(f"queue the follow-ups of {epn}", "followup_queue", epn, actions)
+
+    def followups_due(self):
+        return self._call("read the follow-ups due", "followups_due", default=[])
+
+    def followup_started(self, epn, action):
+        self._call(f"note the start of {action} for {epn}", "followup_started", epn, action)
+
+    def followup_finished(self, epn, action, error=None, give_up=False):
+        self._call(f"record the outcome of {action} for {epn}", "followup_finished", epn, action, error, give_up)
+
+    def followup_alerted(self, epn, action):
+        self._call("record the follow-up alert", "alert_sent", FOLLOWUP_ALERT, [f"{epn} {action}"])
+
+    def visits(self, epn):
+        """Return the EPN's stored visits (mxsync.store.VisitRecord), earliest first; [] if the store cannot answer."""
+        return self._call(f"read the visits of {epn}", "visits", epn, default=[])
+
+    def last_verified_pass(self, epn):
+        """Return the EPN's last final pass that succeeded (mxsync.store.Transfer), or None."""
+        transfers = self._call(f"read the passes of {epn}", "transfers", epn, default=[])
+        verified = [transfer for transfer in transfers if transfer.kind == "final" and transfer.outcome == "ok"]
+        return verified[-1] if verified else None
 
     # ------------------------------------------------------------ sources, alerts, the cycle
 

@@ -46,6 +46,10 @@ class FileList:
     def __len__(self):
         return len(self._sizes)
 
+    def total_size(self):
+        """The bytes of all the files."""
+        return sum(self._sizes)
+
     def __iter__(self):
         names, start = self._names, 0
         for size in self._sizes:

@@ -120,7 +120,7 @@ class EpnPipeline:
                 logger.info("%s: live pass done, nothing recorded (its visit is not over): %s", epn, figures)
                 return PassEnded(epn, kind, "ok", figures=figures)
             self._verify(transfer, result, policy)
-            return PassEnded(epn, kind, "ok", figures=figures)
+            return PassEnded(epn, kind, "ok", figures=figures, files=len(result.files), bytes=result.files.total_size())
         except TransferStopped:
             logger.warning("%s: stopped before it finished; nothing recorded", epn)
             return PassEnded(epn, kind, "stopped")

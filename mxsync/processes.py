@@ -85,9 +85,9 @@ class ProcessSupervisor:
             if self.stopping:
                 raise TransferStopped(f"{what}: not started, mxsync is stopping")
             try:
+                popen_options.setdefault("stdin", subprocess.DEVNULL)
                 process = subprocess.Popen(
                     arguments,
-                    stdin=subprocess.DEVNULL,
                     start_new_session=True,
                     preexec_fn=lambda: _die_with_parent(parent_pid),
                     **popen_options,
@@ -105,11 +105,17 @@ class ProcessSupervisor:
             stopped = self.stopping
         return Finished(returncode, list(stderr_tail), stopped)
 
-    def run(self, arguments, what, timeout):
-        """Run a short command with no output wanted; return Finished (exit 255 if it timed out)."""
+    def run(self, arguments, what, timeout, stdin=None, env=None, output=False):
+        """Run a short command; return Finished (exit 255 if it timed out) with the tail of its stderr.
+
+        `stdin` is an open file it reads, `env` its whole environment; `output` keeps its stdout in the tail too."""
         # A command that forks into the background would hold a stderr pipe open: use a file.
         with tempfile.TemporaryFile() as stderr_file:
-            process = self.start(arguments, what, stdout=subprocess.DEVNULL, stderr=stderr_file)
+            options = {"stdin": stdin} if stdin is not None else {}
+            if env is not None:
+                options["env"] = env
+            stdout = stderr_file if output else subprocess.DEVNULL
+            process = self.start(arguments, what, stdout=stdout, stderr=stderr_file, **options)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ from mxsync.catalogue import VisitCatalogue
 from mxsync.cli_support import apply_logging, load_and_log
 from mxsync.config import load_config
 from mxsync.errors import ConfigError
+from mxsync.followups import FollowUps, follow_up_actions
 from mxsync.history import LOCK_FILE_NAME, History
 from mxsync.logsetup import setup_logging
 from mxsync.notify import SystemdNotifier
@@ -286,6 +287,7 @@ def run_cycle(config, execute, stop, notifier, config_problem=None, retry_now=Fa
             activity,
             retry_now=retry_now,
             catalogue=catalogue,
+            followups=FollowUps(config, follow_up_actions(config), history, dry_run=not execute, stop=stop),
         )
         reporter = ProgressReporter(activity, notifier, config.state_dir / ACTIVITY_FILE_NAME if execute else None)
         reporter.start()

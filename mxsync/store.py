@@ -49,6 +49,8 @@ SOURCES = ("portal", "sftp")  # where an EPN was seen
 PASS_KINDS = ("live", "final", "backfill")
 OUTCOMES = ("ok", "failed", "stopped", "no-data", "interrupted")
 LIFECYCLE_KINDS = ("live", "final")  # the passes an EPN's lifecycle is decided from
+# A follow-up's states: 'failed' means it gave up after on-synced-retries attempts; 'running' left by a crash runs again.
+FOLLOWUP_STATES = ("pending", "running", "done", "failed")
 
 # Forward migrations: MIGRATIONS[n] takes a database from schema n to n + 1 (0 is a new, empty file).
 # Append only; never edit a released step. Each is a list of statements, run in one transaction with the others.
@@ -127,6 +129,18 @@ MIGRATIONS = [
     ],
     # An EPN taken out of ignore.yml by hand is synced again: its passes up to this transfer id no longer count.
     ["ALTER TABLE epns ADD COLUMN passes_after INTEGER NOT NULL DEFAULT 0"],
+    # What runs once an EPN is recorded (on-synced hooks, the scientists' email): each action once per EPN.
+    [
+        """CREATE TABLE followups (
+            epn TEXT NOT NULL,
+            action TEXT NOT NULL,         -- the action's stable name: 'hook:1', 'notify-scientists'
+            state TEXT NOT NULL,          -- FOLLOWUP_STATES
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            updated REAL,                 -- seconds since the epoch
+            PRIMARY KEY (epn, action)
+        )""",
+    ],
 ]
 
 
@@ -165,6 +179,15 @@ class Transfer(NamedTuple):
     outcome: Optional[str]  # None while it runs
     exit_code: Optional[int]
     error: Optional[str]
+
+
+class FollowUp(NamedTuple):
+    epn: str
+    action: str
+    state: str
+    attempts: int
+    last_error: Optional[str]
+    updated: Optional[float]
 
 
 class AlertRecord(NamedTuple):
@@ -560,6 +583,51 @@ class Store:
             _transfer(row)
             for row in self._query(f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE outcome IS NULL ORDER BY id")
         ]
+
+    # ------------------------------------------------------------ follow-ups of a record
+
+    def followup_queue(self, epn, actions, when=None):
+        """Queue each named action for the EPN as pending; a row that exists (in any state) is left alone: never twice."""
+        now = _aware(when).timestamp()
+        with self._transaction(f"queue the follow-ups of {epn}") as db:
+            db.executemany(
+                "INSERT INTO followups (epn, action, state, attempts, updated) VALUES (?, ?, 'pending', 0, ?)"
+                " ON CONFLICT (epn, action) DO NOTHING",
+                [(epn, action, now) for action in actions],
+            )
+
+    def followups_due(self):
+        """Return the FollowUps pending or left running (by a crash or a stop), oldest first."""
+        return self.followups(("pending", "running"))
+
+    def followups(self, states=FOLLOWUP_STATES):
+        """Return the FollowUps in `states`, oldest first."""
+        for state in states:
+            _check(state, FOLLOWUP_STATES, "follow-up state")
+        marks = ", ".join("?" for _ in states)
+        rows = self._query(
+            "SELECT epn, action, state, attempts, last_error, updated FROM followups"
+            f" WHERE state IN ({marks}) ORDER BY updated, epn, action",
+            tuple(states),
+        )
+        return [FollowUp(*row) for row in rows]
+
+    def followup_started(self, epn, action, when=None):
+        """Mark a follow-up running and count the attempt (a crash now leaves it running: it runs at the next start)."""
+        with self._transaction(f"note the start of {action} for {epn}") as db:
+            db.execute(
+                "UPDATE followups SET state = 'running', attempts = attempts + 1, updated = ? WHERE epn = ? AND action = ?",
+                (_aware(when).timestamp(), epn, action),
+            )
+
+    def followup_finished(self, epn, action, error=None, give_up=False, when=None):
+        """Record a follow-up's outcome: done, pending again after an error, or failed when it gives up."""
+        state = "done" if error is None else ("failed" if give_up else "pending")
+        with self._transaction(f"record the outcome of {action} for {epn}") as db:
+            db.execute(
+                "UPDATE followups SET state = ?, last_error = ?, updated = ? WHERE epn = ? AND action = ?",
+                (state, error, _aware(when).timestamp(), epn, action),
+            )
 
     # ------------------------------------------------------------ alerts and failing sources
 

@@ -139,7 +139,18 @@ class SyncCycle:
     """Runs one cycle: record, plan, schedule, the passes due, and the events; `stop` ends it early."""
 
     def __init__(
-        self, config, portal, runner, ignore, history, execute, stop, activity=None, retry_now=False, catalogue=None
+        self,
+        config,
+        portal,
+        runner,
+        ignore,
+        history,
+        execute,
+        stop,
+        activity=None,
+        retry_now=False,
+        catalogue=None,
+        followups=None,
     ):
         self.config = config
         self.portal = portal
@@ -151,7 +162,10 @@ class SyncCycle:
         self.activity = activity or Activity()
         self.outcome = CycleOutcome(dry_run=not execute)
         # Dry run is a policy: nothing that writes listens to it.
+        self.followups = followups  # mxsync.followups.FollowUps: queues at Recording, runs after the passes
         listeners = [self.outcome, HistoryListener(history), FailureAlerts(config, history)] if execute else []
+        if execute and followups is not None:
+            listeners.insert(2, followups)  # after the history has the record, before the cycle's alerts
         self.events = Events(*(listeners or [self.outcome]))
         self.pipeline = EpnPipeline(
             PipelineSettings.from_config(config), runner, ignore, self.events, self.activity, stop
@@ -184,8 +198,22 @@ class SyncCycle:
         if self._live_only and (self.outcome.next_wake is None or self.outcome.next_wake > now + PROBLEM_RETRY):
             self.outcome.next_wake = now + PROBLEM_RETRY  # final passes wait for the portal: ask it again soon
             self.outcome.wake_reason = "the portal is asked again"
+        if synced is not None:
+            self._follow_up()
         self.events.emit(CycleFinished(self.outcome))
         return self.outcome
+
+    def _follow_up(self):
+        """After the passes: run the follow-ups due (hooks, emails) of EPNs ignore.yml lists now."""
+        if self.followups is None or self.stop.is_set():
+            return
+        try:
+            recorded = self.ignore.load()
+        except StateFileError as error:  # counted as the record's problem at the next cycle's start
+            logger.error("Follow-ups wait: %s", error)
+            return
+        self.activity.phase = "running follow-ups"
+        self.followups.run_due(recorded.__contains__, would_record=() if self.execute else self.outcome.synced)
 
     def _read_record(self):
         """Return the recorded EPNs, or None if ignore.yml is unreadable (nothing is transferred until it is fixed)."""

@@ -91,13 +91,15 @@ class FollowUps:
     def run_due(self, is_recorded, would_record=()):
         """Run each due action once (those of EPNs ignore.yml lists); a dry run says what would run for the EPNs it
         would record too, and changes nothing. Return the number of actions run (or previewed)."""
-        due = [(row.epn, row.action) for row in self.history.followups_due() if is_recorded(row.epn)]
+        rows = [row for row in self.history.followups_due() if is_recorded(row.epn)]
+        due = [(row.epn, row.action) for row in rows]
         if self.dry_run:
             queued = {epn for epn, _ in due}
             for epn in would_record:
                 project = self.config.project_for(epn_number(epn))
                 if epn not in queued:
                     due += [(epn, name) for name, action in self.actions.items() if _applies(action, project)]
+        attempts = {(row.epn, row.action): row for row in rows}
         count = 0
         records = {}
         for epn, name in due:
@@ -107,6 +109,12 @@ class FollowUps:
             if action is None:  # taken out of the config since it was queued: it waits in case it comes back
                 logger.debug("%s: %s is no longer configured; not run", epn, name)
                 continue
+            row = attempts.get((epn, name))
+            if row is not None and row.attempts >= self.retries and not self.dry_run:
+                # Out of attempts (a last failure whose alert did not go out, or one cut off by a crash every
+                # time): never run again, only the alert is tried until staff have it.
+                self._give_up(epn, action, row.attempts, row.last_error or "cut off by a crash or a stop")
+                continue
             if epn not in records:
                 records[epn] = build_record(self.config, self.history, epn)
             self._run(action, records[epn])
@@ -114,43 +122,63 @@ class FollowUps:
         return count
 
     def _run(self, action, record):
-        epn, name = record["epn"], action.name
+        epn, label = record["epn"], _label(action)
         if self.dry_run:
             try:
                 action.run(record, dry_run=True)
-            except FollowUpError as error:
-                logger.warning("%s: %s would fail: %s", epn, name, error)
+            except Exception as error:  # a preview never stops the cycle
+                logger.warning("%s: %s would fail: %s", epn, label, error)
             return
-        self.history.followup_started(epn, name)
+        self.history.followup_started(epn, action.name)
         try:
             action.run(record, dry_run=False)
         except TransferStopped:
-            logger.warning("%s: %s stopped with mxsync; it runs again at the next start", epn, name)
+            logger.warning("%s: %s stopped with mxsync; it runs again at the next start", epn, label)
             return  # left 'running': due again at the next start
         except Exception as error:  # a bug in an action is its failure, retried like one; other EPNs go on
             if not isinstance(error, FollowUpError):
-                logger.exception("%s: %s: unexpected error", epn, name)
-            self._failed(epn, name, str(error) if isinstance(error, FollowUpError) else repr(error))
+                logger.exception("%s: %s: unexpected error", epn, label)
+            self._failed(epn, action, str(error) if isinstance(error, FollowUpError) else repr(error))
             return
-        self.history.followup_finished(epn, name)
+        self.history.followup_finished(epn, action.name)
 
-    def _failed(self, epn, name, message):
-        attempts = self._attempts(epn, name)
-        give_up = attempts >= self.retries
-        self.history.followup_finished(epn, name, error=message, give_up=give_up)
-        if not give_up:
+    def _failed(self, epn, action, message):
+        attempts = self._attempts(epn, action.name)
+        # Pending again either way; out of attempts, _give_up marks it failed once staff have the alert.
+        self.history.followup_finished(epn, action.name, error=message)
+        if attempts < self.retries:
             logger.warning(
-                "%s: %s FAILED (attempt %d of %d, retried next cycle): %s", epn, name, attempts, self.retries, message
+                "%s: %s FAILED (attempt %d of %d, retried next cycle): %s",
+                epn,
+                _label(action),
+                attempts,
+                self.retries,
+                message,
             )
             return
+        self._give_up(epn, action, attempts, message)
+
+    def _give_up(self, epn, action, attempts, message):
+        """Stop trying an action; once the alert has gone out it is 'failed', until then the alert is retried."""
+        label = _label(action)
         logger.error(
-            "%s: %s FAILED %d times; given up, staff alerted (the EPN stays recorded): %s", epn, name, attempts, message
+            "%s: %s FAILED %d times; given up, staff alerted (the EPN stays recorded): %s",
+            epn,
+            label,
+            attempts,
+            message,
         )
-        if alerts.send_followup_alert(self.config, epn, name, attempts, message):
-            self.history.followup_alerted(epn, name)
+        if alerts.send_followup_alert(self.config, epn, label, attempts, message):
+            self.history.followup_finished(epn, action.name, error=message, give_up=True)
+            self.history.followup_alerted(epn, action.name)
 
     def _attempts(self, epn, name):
         for row in self.history.followups_due():
             if row.epn == epn and row.action == name:
                 return row.attempts
         return self.retries  # the store cannot tell: give up rather than retry forever
+
+
+def _label(action):
+    """How log lines and alerts name an action ('hook 1', 'notify-scientists')."""
+    return getattr(action, "label", action.name)

@@ -4,6 +4,7 @@ Placeholders are replaced inside arguments with str.replace, one by one, so a va
 or a person's name from the portal arrives as part of one argument, whatever quotes, `$(...)` or newlines it holds.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -28,12 +29,23 @@ def unknown_placeholders(argument):
     return [f"{{{name}}}" for name in PLACEHOLDER_PATTERN.findall(argument) if name not in PLACEHOLDERS]
 
 
+# Values from the portal that may stand alone as an argument: a plain address and a beamline name, never one that
+# starts with '-' (an option to the hook's program) or holds anything else; otherwise the value is ''.
+SAFE_EMAIL = re.compile(r"[A-Za-z0-9._%+][A-Za-z0-9._%+-]*@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+SAFE_BEAMLINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def hook_values(record):
-    """Given an EPN's record, return {placeholder: text}; an unknown value is ''."""
+    """Given an EPN's record, return {placeholder: text}; an unknown value, or a portal value not of its form, is ''."""
     principal = record.get("principal") or {}
     values = {name: record.get(name) for name in PLACEHOLDERS if name != "principal_email"}
     values["principal_email"] = principal.get("email")
-    return {name: "" if value is None else str(value) for name, value in values.items()}
+    values = {name: "" if value is None else str(value) for name, value in values.items()}
+    for name, form in (("principal_email", SAFE_EMAIL), ("beamline", SAFE_BEAMLINE)):
+        if values[name] and not form.fullmatch(values[name]):
+            logger.warning("%s: %s %r is not of the expected form; hooks get ''", record.get("epn"), name, values[name])
+            values[name] = ""
+    return values
 
 
 def substitute(arguments, values):
@@ -60,12 +72,18 @@ def _shown(arguments):
 
 
 class Hook:
-    """One on-synced command, a follow-up action named 'hook:<n>' (its place in the list, from 1)."""
+    """One on-synced command: a follow-up action keyed by its arguments, shown as 'hook <n>' (its place, from 1).
+
+    The key is a digest of the command, not its place: a pending row never runs another command after the list
+    is reordered or edited, and a command put back later finds its rows again.
+    """
 
     def __init__(self, number, arguments, timeout, supervisor=None):
         self.number = number
-        self.name = f"hook:{number}"
         self.arguments = tuple(arguments)
+        digest = hashlib.sha256(json.dumps(self.arguments).encode("utf-8")).hexdigest()[:12]
+        self.name = f"hook:{digest}"
+        self.label = f"hook {number}"
         self.timeout = timeout
         self.supervisor = supervisor or default_supervisor
 

@@ -23,6 +23,7 @@ from mxsync.logsetup import masker
 
 logger = logging.getLogger("mxsync.processes")
 
+TAIL_BYTES = 64 * 1024  # of a short command's output, read when it ends
 STDERR_TAIL_LINES = 15
 STOP_GRACE_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -123,7 +124,8 @@ class ProcessSupervisor:
                 process.wait()
                 stderr_file.write(f"no answer within {timeout:.0f} s".encode())
                 process.returncode = 255
-            stderr_file.seek(0)
+            # Only the tail is wanted: a chatty command's megabytes are never read into memory.
+            stderr_file.seek(max(0, stderr_file.seek(0, os.SEEK_END) - TAIL_BYTES))
             lines = masker.mask(stderr_file.read().decode("utf-8", "replace")).splitlines()
             return self.finish(process, lines[-STDERR_TAIL_LINES:])
 

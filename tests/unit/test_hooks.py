@@ -163,3 +163,49 @@ def test_the_record_comes_from_the_config_and_the_stored_visits(setup):
         "bytes": None,
         "bagged": False,
     }
+
+
+def test_an_action_out_of_attempts_is_not_run_again_and_its_alert_is_retried_until_sent(setup, monkeypatch):
+    config, history = setup  # on-synced-retries: 2
+    sent = []
+    answers = iter([False, True])  # the SMTP server is down at the give-up, up a cycle later
+    monkeypatch.setattr(
+        "mxsync.alerts.send_followup_alert", lambda *arguments: sent.append(arguments[1:3]) or next(answers)
+    )
+    bad = Action("hook:abc", failures=5)
+    followups = FollowUps(config, [bad], history)
+    followups.hear(Recording("12282a"))
+    followups.run_due({"12282a"}.__contains__)
+    followups.run_due({"12282a"}.__contains__)  # the last attempt; the alert does not go out
+    assert len(bad.runs) == 2 and [row.state for row in history.followups_due()] == ["pending"]
+    followups.run_due({"12282a"}.__contains__)  # not run again: only the alert, which goes out now
+    assert len(bad.runs) == 2 and sent == [("12282a", "hook:abc"), ("12282a", "hook:abc")]
+    assert history.followups_due() == []
+
+
+def test_an_action_cut_off_by_a_crash_every_time_is_given_up(setup, monkeypatch):
+    config, history = setup
+    monkeypatch.setattr("mxsync.alerts.send_followup_alert", lambda *arguments: True)
+    history.followup_queue("12282a", ["hook:abc"])
+    for _ in range(2):
+        history.followup_started("12282a", "hook:abc")  # each time, mxsync died while it ran
+    action = Action("hook:abc")
+    FollowUps(config, [action], history).run_due({"12282a"}.__contains__)
+    assert action.runs == [] and history.followups_due() == []
+
+
+def test_a_hook_is_keyed_by_its_command_not_its_place():
+    from mxsync.hooks import Hook
+
+    first, moved = Hook(1, ["sbatch", "{epn}"], 60), Hook(2, ["sbatch", "{epn}"], 60)
+    other = Hook(1, ["curl", "{epn}"], 60)
+    assert first.name == moved.name != other.name and first.label == "hook 1"
+
+
+def test_portal_values_not_of_their_form_reach_no_hook():
+    from mxsync.hooks import hook_values
+
+    record = {"epn": "12282a", "beamline": "-rf", "principal": {"email": "-oProxyCommand=x@y.org"}}
+    assert hook_values(record)["principal_email"] == "" and hook_values(record)["beamline"] == ""
+    record = {"epn": "12282a", "beamline": "MX2", "principal": {"email": "ada.l+mx@uni.example.edu"}}
+    assert hook_values(record)["principal_email"] == "ada.l+mx@uni.example.edu"

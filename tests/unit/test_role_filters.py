@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mxsync.config import TOP_LEVEL
@@ -66,6 +67,28 @@ def test_masking_hides_every_password_written_as_block_flow_or_quoted():
     )
     assert 'epnalert-email-smtp-password: "********"' in masked
     assert "visit-day-range: 200" in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "password: ab#cd\nx: 1\n",
+        "epnalert-email-smtp-password: p,w\nx: 1\n",
+        "equipment:\n  - {password: ab#cd, id: 1}\n",
+        "password: |\n  ab#cd\nx: 1\n",
+        "password: >-\n  ab#cd\nx: 1\n",
+        "password:\n  ab#cd\nx: 1\n",
+    ],
+    ids=["hash", "comma", "flow-hash", "literal-block", "folded-block", "next-line"],
+)
+def test_masking_hides_a_password_written_in_any_yaml_form(text):
+    masked = filters.mask_secrets(text)
+    assert "ab" not in masked and "cd" not in masked and "p,w" not in masked, masked
+    assert '"********"' in masked and "x: 1" in masked or "id: 1" in masked
+
+
+def test_text_that_does_not_parse_is_not_shown_at_all():
+    assert "s3cret" not in filters.mask_secrets("password: s3cret\n  bad: [\n")
 
 
 def test_a_config_the_role_did_not_write_is_adopted_with_each_differing_setting_named():

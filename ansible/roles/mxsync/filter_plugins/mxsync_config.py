@@ -13,18 +13,40 @@ ROLE_COMMENT = "Managed by Ansible (role mxsync)"
 CARRIED_START = "# --- carried over: keys the role does not set, kept from the earlier config.yml ---"
 CARRIED_END = "# --- end of carried over ---"
 MASK = '"********"'
-# A key naming a secret, its value up to the end of a flow item or the line ('- {password: x, id: 23}' as HPC ASSyncy
-# wrote equipment, or 'password: x').
-SECRET_VALUE = re.compile(
-    r"""(?P<key>\b[\w-]*(?:password|secret|token)[\w-]*["']?\s*:[ \t]*)(?P<value>"(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^,}\s#][^,}#\n]*)""",
-    re.IGNORECASE,
-)
+# A key naming a secret: its value is masked wherever and however it is written.
 SECRET_KEY = re.compile(r"password|secret|token", re.IGNORECASE)
+UNREADABLE = "# (not shown: this text does not parse as YAML, and it may hold passwords)\n"
 
 
 def mask_secrets(text):
-    """Given YAML text, return it with the value of every password, secret or token key masked."""
-    return SECRET_VALUE.sub(lambda match: match.group("key") + MASK, text)
+    """Given YAML text, return it with the value of every password, secret or token key masked.
+
+    The spans come from the YAML parser (plain, quoted, flow and block values alike, '#' or ',' inside them
+    included); text that does not parse is not shown at all rather than masked by guesswork.
+    """
+    if not text:
+        return text
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return UNREADABLE
+    spans = []
+    nodes = [root] if root is not None else []
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and SECRET_KEY.search(str(key.value)):
+                    spans.append((value.start_mark.index, value.end_mark.index))
+                else:
+                    nodes.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+    for start, end in sorted(spans, reverse=True):
+        # A block value's span ends after its last line break: keep that break.
+        masked_end = end - 1 if text[start:end].endswith("\n") else end
+        text = text[:start] + MASK + text[masked_end:]
+    return text
 
 
 def _mapping(text):

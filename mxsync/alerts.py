@@ -42,14 +42,7 @@ def send_failure_alert(config, epns, sources):
     subject = (
         f"mxsync: failing for {config.failure_alert_cycles}+ cycles: {what}" if epns else f"mxsync: {what} failing"
     )
-    message = build_message(subject, config.email_from, config.mxsync_email_to, "\n".join(lines) + "\n")
-    try:
-        answer = send_message(config.smtp, message, config.mxsync_email_to)
-    except MailError as error:
-        logger.error("Could not send the failure alert about %s: %s", what, error)
-        return False
-    logger.warning("Sent a failure alert about %s to %s (%s)", what, ", ".join(config.mxsync_email_to), answer)
-    return True
+    return _send_to_staff(config, subject, lines, "failure alert", what)
 
 
 def send_followup_alert(config, epn, action, attempts, error):
@@ -64,13 +57,16 @@ def send_followup_alert(config, epn, action, attempts, error):
         "Run it by hand, or fix the cause: mxsync does not try it again.",
         f"Log: {config.log_files.sync or 'the service journal'}",
     ]
-    message = build_message(
-        f"mxsync: {action} failed for {epn}", config.email_from, config.mxsync_email_to, "\n".join(lines) + "\n"
-    )
+    return _send_to_staff(config, f"mxsync: {action} failed for {epn}", lines, "follow-up alert", what)
+
+
+def _send_to_staff(config, subject, lines, kind, what):
+    """Email `lines` to mxsync-email-to; log the outcome naming the `kind` of alert and `what` it is about."""
+    message = build_message(subject, config.email_from, config.mxsync_email_to, "\n".join(lines) + "\n")
     try:
         answer = send_message(config.smtp, message, config.mxsync_email_to)
-    except MailError as mail_error:
-        logger.error("Could not send the follow-up alert about %s: %s", what, mail_error)
+    except MailError as error:
+        logger.error("Could not send the %s about %s: %s", kind, what, error)
         return False
-    logger.warning("Sent a follow-up alert about %s to %s (%s)", what, ", ".join(config.mxsync_email_to), answer)
+    logger.warning("Sent a %s about %s to %s (%s)", kind, what, ", ".join(config.mxsync_email_to), answer)
     return True

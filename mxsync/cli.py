@@ -6,7 +6,7 @@ Old deployments run `mxsync --config C [--execute]`; that still means `mxsync ru
 import argparse
 import sys
 
-COMMANDS = ("run", "check", "status")
+COMMANDS = ("run", "check", "status", "verify")
 
 
 def build_parser():
@@ -18,7 +18,7 @@ def build_parser():
     from mxsync import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check,status}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,status,verify}")
 
     run = commands.add_parser("run", help="sync finished visits, every sync-frequency-hours (default command)")
     add_config_argument(run)
@@ -42,6 +42,15 @@ def build_parser():
     status = commands.add_parser("status", help="show each EPN of the visits in range and its sync state")
     add_config_argument(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    verify = commands.add_parser("verify", help="check recorded EPNs' BagIt bags again; exit 0 only if all are valid")
+    add_config_argument(verify)
+    verify.add_argument("epns", nargs="*", metavar="EPN", help="the EPNs to check (e.g. 12282a)")
+    verify.add_argument("--all", action="store_true", help="check every EPN recorded in ignore.yml")
+    verify.add_argument("--fast", action="store_true", help="check sizes and counts only, hash nothing")
+    verify.add_argument(
+        "--bag", action="store_true", help="first bag EPNs recorded before bags (hashing here); alone, means --all"
+    )
     return parser
 
 
@@ -79,6 +88,12 @@ def dispatch(arguments):
         from mxsync.status import run_status
 
         return run_status(arguments.config, as_json=arguments.json)
+    if arguments.command == "verify":
+        from mxsync.verify import run_verify
+
+        return run_verify(
+            arguments.config, arguments.epns, all_epns=arguments.all, fast=arguments.fast, bag=arguments.bag
+        )
     from mxsync.service import run_service
 
     return run_service(arguments.config, execute=arguments.execute, once=arguments.once, verbose=arguments.verbose)

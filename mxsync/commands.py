@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from mxsync.errors import RsyncError
-from mxsync.itemize import OUT_FORMAT
+from mxsync.itemize import OUT_FORMAT, OUT_FORMAT_WITH_CHECKSUM
 
 # The old tool ran `-stats`, which rsync reads as -s -t -a: archive mode, so symlinks were copied as
 # symlinks. We copy them too, but refuse (and report) those that point outside the EPN. Its --size-only is
@@ -50,6 +50,7 @@ class CommandSettings:
     rsync_io_timeout: int
     rsync_bwlimit: Optional[str]
     rsync_options: tuple
+    checksum: Optional[str] = None  # the whole-file checksum rsync prints for the bag (md5, sha1), or None
 
     @classmethod
     def from_config(cls, config):
@@ -64,6 +65,7 @@ class CommandSettings:
             config.rsync_io_timeout,
             config.rsync_bwlimit,
             tuple(config.rsync_options),
+            config.rsync_checksum,
         )
 
 
@@ -111,6 +113,8 @@ class Commands:
         if dry_run:
             arguments.append("--dry-run")
         arguments += list(settings.rsync_options)
+        if settings.checksum and not dry_run:
+            arguments += checksum_options(settings.checksum)
         arguments += ["--rsh", rsh_string(self.ssh(session_options))]
         return arguments + [self.remote(source), local(destination)]
 
@@ -121,6 +125,14 @@ class Commands:
 
     def remote(self, folder):
         return f"{self.settings.ssh_target}:{folder.rstrip('/')}/"
+
+
+def checksum_options(algorithm):
+    """Return the options that make rsync print each transferred file's whole-file checksum, in `algorithm`.
+
+    rsync computes it anyway to check the file it received; the BagIt manifest reuses it (mxsync.bagging).
+    """
+    return (f"--checksum-choice={algorithm}", f"--out-format={OUT_FORMAT_WITH_CHECKSUM}")
 
 
 def local(destination):

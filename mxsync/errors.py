@@ -49,6 +49,7 @@ class RsyncError(MxsyncError):
         self.transient = transient
         # Some files were not sent (vanished, or unreadable while being written): expected while a visit runs.
         self.partial = partial
+        self.result = None  # the TransferResult of what rsync reported before it failed, when there is one
 
 
 class ProcessStartError(RsyncError):

@@ -7,6 +7,7 @@ on-synced-retries attempts, then staff are alerted; an action never un-records a
 """
 
 import logging
+import os
 
 from mxsync import alerts
 from mxsync.errors import FollowUpError, TransferStopped
@@ -59,7 +60,7 @@ def build_record(config, history, epn):
         "scientists": scientists,
         "files": verified.files if verified else None,
         "bytes": verified.bytes if verified else None,
-        "bagged": False,
+        "bagged": bool(project) and os.path.isfile(config.destination_root / project / epn / "bagit.txt"),
     }
 
 

@@ -252,6 +252,18 @@ class History:
             return {epn: (_last_pass_maker()(*recent), 0) for epn, recent in self._recent.items()}
         return {epn: (_last_pass(transfer), failures) for epn, (transfer, failures) in found.items()}
 
+    # ------------------------------------------------------------ checksums for the bag (mxsync.bagging)
+
+    def save_checksums(self, epn, algorithm, entries):
+        self._call(f"keep the checksums of {epn}", "save_checksums", epn, algorithm, entries)
+
+    def checksums(self, epn):
+        """Return the checksums kept for the EPN (mxsync.store.Store.checksums); {} if the store cannot answer."""
+        return self._call(f"read the checksums of {epn}", "checksums", epn, default={})
+
+    def forget_checksums(self, epn):
+        self._call(f"forget the checksums of {epn}", "forget_checksums", epn)
+
     # ------------------------------------------------------------ follow-ups of a record (mxsync.followups)
 
     def followup_queue(self, epn, actions):

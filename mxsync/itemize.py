@@ -1,7 +1,8 @@
 """Reading rsync's itemised output (`-ii --out-format='%i %l %n%L'`) and checking the destination against it.
 
 rsync itemises every file and symlink of the source, changed or not, which gives both the
-progress and the list that verification checks at the destination.
+progress and the list that verification checks at the destination. With OUT_FORMAT_WITH_CHECKSUM it also
+prints the whole-file checksum of each file it transferred (`%C`), which the BagIt manifest reuses.
 """
 
 import logging
@@ -11,10 +12,14 @@ import stat
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 logger = logging.getLogger("mxsync.itemize")
 
 OUT_FORMAT = "%i %l %n%L"
+# %C is the whole-file checksum (--checksum-choice) of a transferred file, blanks of the same width otherwise;
+# the "/" ends it (hex holds none), and names still begin after it.
+OUT_FORMAT_WITH_CHECKSUM = "%i %l %C/%n%L"
 ESCAPED_BYTE = re.compile(rb"\\#([0-7]{3})")
 UNSAFE_LINK = re.compile(rb'^ignoring unsafe symlink "(.*)" -> "(.*)"$')
 LINK_ARROW = b" -> "
@@ -78,6 +83,8 @@ class TransferResult:
     files_transferred: int = 0
     bytes_transferred: int = 0
     seconds: float = 0.0
+    # {relative path bytes: (size, hex digest)} of the files rsync transferred, when it was asked to print them.
+    checksums: Optional[dict] = None
 
     @property
     def empty(self):
@@ -97,6 +104,13 @@ def record_item(result, raw_line, epn):
         logger.debug("%s: rsync: %s", epn, line.decode("utf-8", "replace"))
         return
     kind, size = item[1:2], int(size)
+    digest = b""
+    if result.checksums is not None:
+        digest, slash, name = name.partition(b"/")
+        if not slash:
+            logger.debug("%s: rsync: %s", epn, line.decode("utf-8", "replace"))
+            return
+        digest = digest.strip()
     if kind == b"L":
         link = _split_link(name, size)
         if link is not None:
@@ -104,10 +118,13 @@ def record_item(result, raw_line, epn):
         return
     if kind != b"f":
         return
-    result.files.add_raw(_unescape(name), size)
+    relative = _unescape(name)
+    result.files.add_raw(relative, size)
     if item[:1] in (b">", b"c"):
         result.files_transferred += 1
         result.bytes_transferred += size
+        if digest:
+            result.checksums[relative] = (size, digest.decode("ascii"))
 
 
 def _unescape(name):

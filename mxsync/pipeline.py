@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from mxsync.destination import writable_destination
-from mxsync.errors import RsyncError, StateFileError, TransferStopped, UnsafeNameError
+from mxsync.errors import BagError, RsyncError, StateFileError, TransferStopped, UnsafeNameError
 from mxsync.events import EpnFailed, PassEnded, PassStarted, Recorded, Recording
 from mxsync.itemize import verify_destination
 from mxsync.lifecycle import PassKind
@@ -62,10 +62,11 @@ class PipelineSettings:
 
 
 class EpnPipeline:
-    """Runs passes: transfer -> verify -> record -> events. One pipeline serves every pass of a cycle."""
+    """Runs passes: transfer -> verify -> bag -> record -> events. One pipeline serves every pass of a cycle."""
 
-    def __init__(self, settings, runner, ignore, events, activity, stop):
+    def __init__(self, settings, runner, ignore, events, activity, stop, bagger=None):
         self.settings = settings
+        self.bagger = bagger  # mxsync.bagging.Bagger, or None when bag: false
         self.runner = runner
         self.ignore = ignore
         self.events = events
@@ -120,12 +121,16 @@ class EpnPipeline:
                 logger.info("%s: live pass done, nothing recorded (its visit is not over): %s", epn, figures)
                 return PassEnded(epn, kind, "ok", figures=figures)
             self._verify(transfer, result, policy)
+            if policy.records and self.bagger is not None:
+                self._bag(transfer, result)
             return PassEnded(epn, kind, "ok", figures=figures, files=len(result.files), bytes=result.files.total_size())
         except TransferStopped:
             logger.warning("%s: stopped before it finished; nothing recorded", epn)
             return PassEnded(epn, kind, "stopped")
         except UnsafeNameError as error:
             return self._failed(epn, policy, f"refused: {error}")
+        except BagError as error:
+            return self._failed(epn, policy, f"verified, but its bag could not be made: {error}; not recorded")
         except OSError as error:
             return self._failed(epn, policy, f"cannot prepare {transfer.destination}: {error.strerror or error}")
         except RsyncError as error:
@@ -174,14 +179,20 @@ class EpnPipeline:
             folders = writable_destination(self.settings, transfer.destination) if policy.writes else None
             try:
                 with folders or nullcontext(transfer.destination) as destination:
-                    return self.runner.transfer(
-                        transfer.epn,
-                        transfer.source,
-                        destination,
-                        progress=lambda result: self.activity.update(
-                            transfer.epn, len(result.files), result.bytes_transferred
-                        ),
-                    )
+                    try:
+                        result = self.runner.transfer(
+                            transfer.epn,
+                            transfer.source,
+                            destination,
+                            progress=lambda result: self.activity.update(
+                                transfer.epn, len(result.files), result.bytes_transferred
+                            ),
+                        )
+                    except RsyncError as error:
+                        self._remember_checksums(transfer.epn, destination, error.result, policy)
+                        raise
+                    self._remember_checksums(transfer.epn, destination, result, policy)
+                    return result
             except RsyncError as error:
                 if not error.transient or attempt == attempts or self.stop.is_set():
                     raise
@@ -190,6 +201,21 @@ class EpnPipeline:
                 if self.stop.wait(delay):
                     raise TransferStopped(f"{transfer.epn}: stopped while waiting to retry") from None
         raise AssertionError("unreachable")
+
+    def _remember_checksums(self, epn, destination, result, policy):
+        """Keep what rsync computed for the bag while the folders are still closed to the group (also after a
+        partial run: what did arrive need not be hashed again)."""
+        if self.bagger is not None and policy.writes and result is not None:
+            self.bagger.remember(epn, destination, result)
+
+    def _bag(self, transfer, result):
+        """Make the verified EPN's folder a BagIt bag (raise BagError); files the facility does not list stay in it."""
+        figures = self.bagger.bag(transfer)
+        extra = figures.files - len(result.files)
+        if extra > 0:
+            logger.warning(
+                "%s: data/ holds %d file(s) the facility does not list (kept, and in the bag)", transfer.epn, extra
+            )
 
     def _verify(self, transfer, result, policy):
         """Raise RsyncError unless every file the source holds is at the destination at its size."""

@@ -140,9 +140,12 @@ class RsyncRunner:
         """
         started = time.monotonic()
         holder = {}
+        dry_run = self.dry_run if dry_run is None else dry_run
+        with_checksums = bool(self.commands.settings.checksum) and not dry_run
 
         def build(options):
-            holder["result"] = TransferResult(epn)  # a retry over a connection of its own starts afresh
+            # A retry over a connection of its own starts afresh.
+            holder["result"] = TransferResult(epn, checksums={} if with_checksums else None)
             return self.rsync_arguments(source, destination, dry_run=dry_run, session_options=options)
 
         def on_line(raw_line):
@@ -155,7 +158,9 @@ class RsyncRunner:
         result = holder["result"]
         result.seconds = time.monotonic() - started
         if finished.returncode != 0:
-            raise rsync_failure("", _name_open_folder(finished, destination))
+            error = rsync_failure("", _name_open_folder(finished, destination))
+            error.result = result  # what did arrive (a partial run's checksums are still worth keeping)
+            raise error
         return result
 
     def _run_rsync(self, build, what, on_line, pass_fds=()):

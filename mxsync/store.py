@@ -141,6 +141,20 @@ MIGRATIONS = [
             PRIMARY KEY (epn, action)
         )""",
     ],
+    # The whole-file checksums rsync printed as it transferred (mxsync.bagging), until the EPN is bagged and recorded.
+    [
+        """CREATE TABLE checksums (
+            epn TEXT NOT NULL,
+            path BLOB NOT NULL,           -- relative to data/, the bytes of the name (names need not be UTF-8)
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,    -- the file's stamp when the checksum was taken: a changed one means
+            ctime_ns INTEGER NOT NULL,    -- the file changed since, and it is hashed again
+            inode INTEGER NOT NULL,
+            algorithm TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            PRIMARY KEY (epn, path)
+        )""",
+    ],
 ]
 
 
@@ -486,6 +500,8 @@ class Store:
                 " failing_since = NULL, last_error = NULL, last_failure = NULL",
                 [(epn, now) for epn in sorted(added)],
             )
+            # A recorded EPN is bagged: the checksums kept for its bag are not needed any more.
+            db.executemany("DELETE FROM checksums WHERE epn = ?", [(epn,) for epn in sorted(added)])
             # In the same transaction: a reopened EPN whose old final pass still counted would look verified.
             db.executemany(
                 "UPDATE epns SET state = ?, state_since = ?, reason = 'no longer in ignore.yml',"
@@ -583,6 +599,31 @@ class Store:
             _transfer(row)
             for row in self._query(f"SELECT {_TRANSFER_COLUMNS} FROM transfers WHERE outcome IS NULL ORDER BY id")
         ]
+
+    # ------------------------------------------------------------ checksums for the bag (mxsync.bagging)
+
+    def save_checksums(self, epn, algorithm, entries):
+        """Keep {path bytes: (size, (mtime_ns, ctime_ns, inode), hex digest)} of the EPN's files (replacing older)."""
+        rows = [(epn, bytes(path), size, *stamp, algorithm, digest) for path, (size, stamp, digest) in entries.items()]
+        with self._transaction(f"save the checksums of {epn}") as db:
+            db.executemany(
+                "INSERT INTO checksums (epn, path, size, mtime_ns, ctime_ns, inode, algorithm, digest)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (epn, path) DO UPDATE SET size = excluded.size,"
+                " mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns, inode = excluded.inode,"
+                " algorithm = excluded.algorithm, digest = excluded.digest",
+                rows,
+            )
+
+    def checksums(self, epn):
+        """Return {path bytes: (size, (mtime_ns, ctime_ns, inode), algorithm, hex digest)} kept for the EPN."""
+        rows = self._query(
+            "SELECT path, size, mtime_ns, ctime_ns, inode, algorithm, digest FROM checksums WHERE epn = ?", (epn,)
+        )
+        return {bytes(row[0]): (row[1], (row[2], row[3], row[4]), row[5], row[6]) for row in rows}
+
+    def forget_checksums(self, epn):
+        with self._transaction(f"forget the checksums of {epn}") as db:
+            db.execute("DELETE FROM checksums WHERE epn = ?", (epn,))
 
     # ------------------------------------------------------------ follow-ups of a record
 

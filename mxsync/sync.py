@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
+from mxsync.bagging import Bagger
 from mxsync.catalogue import VisitCatalogue
 from mxsync.destination import check_destination_root
 from mxsync.errors import DestinationError, ProcessStartError, RsyncError, StateFileError, TransferStopped
@@ -26,6 +27,7 @@ from mxsync.events import (
     VisitsSeen,
 )
 from mxsync.executor import LocalExecutor
+from mxsync.followups import build_record
 from mxsync.lifecycle import RETRY_FIRST, EpnFacts, PassKind, Timing, assess, describe
 from mxsync.names import epn_number
 from mxsync.pipeline import EpnPipeline, Pass, PassPolicy, PipelineSettings, human_bytes
@@ -167,8 +169,19 @@ class SyncCycle:
         if execute and followups is not None:
             listeners.insert(2, followups)  # after the history has the record, before the cycle's alerts
         self.events = Events(*(listeners or [self.outcome]))
+        bagger = None
+        if config.bag:
+            bagger = Bagger(
+                PipelineSettings.from_config(config),
+                config.bag_algorithm,
+                config.rsync_checksum,
+                history,
+                lambda epn: build_record(config, history, epn),
+                config.ssh_target,
+                stop,
+            )
         self.pipeline = EpnPipeline(
-            PipelineSettings.from_config(config), runner, ignore, self.events, self.activity, stop
+            PipelineSettings.from_config(config), runner, ignore, self.events, self.activity, stop, bagger
         )
         self.catalogue = catalogue or VisitCatalogue()  # a service keeps one, so visits outlive a cycle
         self.retry_now = retry_now  # a run by hand: failed and waiting EPNs are tried now, not after a delay

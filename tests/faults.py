@@ -281,7 +281,10 @@ def outside_destination(facility):
 def unexpected_rsync_arguments(command, ssh_target, source_root, destination_root, epns):
     """Given one rsync argument list from the log, return what in it is not the options mxsync sets, the
     ssh command, `ssh_target:source_root/EPN/` and `destination_root/<project>/EPN/data/` for one of `epns`."""
-    from mxsync.commands import BASE_OPTIONS
+    from mxsync.commands import BASE_OPTIONS, checksum_options
+    from mxsync.config import BAG_ALGORITHMS
+
+    expected = set(BASE_OPTIONS).union(*(checksum_options(algorithm) for algorithm in BAG_ALGORITHMS))
 
     problems = []
     if command[:1] != ["rsync"] or len(command) < 4:
@@ -306,7 +309,7 @@ def unexpected_rsync_arguments(command, ssh_target, source_root, destination_roo
                 problems.append(f"--rsh {rsh!r}")
             position += 2
             continue
-        if option not in BASE_OPTIONS and option != "--dry-run" and not option.startswith(("--timeout=", "--bwlimit=")):
+        if option not in expected and option != "--dry-run" and not option.startswith(("--timeout=", "--bwlimit=")):
             problems.append(f"option {option!r}")
         position += 1
     return problems

@@ -71,7 +71,7 @@ def test_a_hook_gets_the_arguments_variables_and_json_of_each_epn_once(facility)
     assert record["epn"] == "12282a" and record["project"] == "ny79" and record["destination"] == str(destination)
     assert record["principal"] == {"name": "Rosalind Franklin", "email": "rosalind.franklin@uni.example.edu"}
     assert record["scientists"] == [{"name": "Ada Lovelace", "email": "ada@uni.example.edu"}]
-    assert record["bagged"] is False
+    assert record["bagged"] is True  # the bag is made before the record
     data = [path for path in (destination / "data").rglob("*") if path.is_file() and not path.is_symlink()]
     assert (record["files"], record["bytes"]) == (len(data), sum(path.stat().st_size for path in data))
     assert record["files"] > 0

@@ -568,6 +568,7 @@ def test_rsync_is_given_the_open_folder_and_inherits_it():
             ssh_keepalive_interval=0,
             ssh_cipher=None,
             ssh_target="u@h",
+            rsync_checksum="md5",
         )
     )
     assert runner.rsync_arguments("/data/12282a", 7)[-2:] == ["u@h:/data/12282a/", "/proc/self/fd/7/"]

@@ -533,3 +533,18 @@ def test_a_dry_run_on_a_corrupt_store_is_an_error_and_moves_nothing(tmp_path):
     with pytest.raises(StoreError, match="not a usable database"):
         Store.open(tmp_path, dry_run=True)
     assert sorted(os.listdir(tmp_path)) == [DB_NAME]
+
+
+def test_checksums_are_kept_per_epn_replaced_and_dropped_once_the_epn_is_recorded(tmp_path):
+    with Store.open(tmp_path) as store:
+        store.save_checksums("100a", "md5", {b"a": (1, (10, 11, 12), "0" * 32), b"\xff/b": (2, (20, 21, 22), "1" * 32)})
+        store.save_checksums("100a", "md5", {b"a": (3, (30, 31, 32), "2" * 32)})
+        store.save_checksums("101a", "sha1", {b"a": (4, (40, 41, 42), "3" * 40)})
+        assert store.checksums("100a") == {
+            b"a": (3, (30, 31, 32), "md5", "2" * 32),
+            b"\xff/b": (2, (20, 21, 22), "md5", "1" * 32),
+        }
+        store.reconcile_recorded({"100a"})
+        assert store.checksums("100a") == {} and len(store.checksums("101a")) == 1
+        store.forget_checksums("101a")
+        assert store.checksums("101a") == {}

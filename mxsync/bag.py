@@ -75,7 +75,7 @@ def _hash_path(path, algorithm, stop, progress):
     fd = os.open(path, _OPEN_READ)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{os.fsdecode(path)}: not a regular file")
+            raise OSError("not a regular file")
         os.set_blocking(fd, True)
         return _hash_descriptor(fd, algorithm, stop, progress)
     finally:
@@ -263,16 +263,18 @@ def _check_label(label):
 
 
 def bag_info_text(info, entries):
-    """bag-info.txt's bytes: the (label, value or values) pairs in order, then Bagging-Date and Payload-Oxum if absent."""
+    """bag-info.txt's bytes: the (label, value or values) pairs in order, then Bagging-Date and Payload-Oxum if absent.
+
+    A value of None is left out (an unknown visit end is no line, not "None").
+    """
     lines = []
     labels = set()
     for label, values in info:
         _check_label(label)
-        labels.add(label.lower())
-        if isinstance(values, (list, tuple)):
-            lines.extend(f"{label}: {_sanitise_value(value)}" for value in values)
-        else:
-            lines.append(f"{label}: {_sanitise_value(values)}")
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None:
+                labels.add(label.lower())
+                lines.append(f"{label}: {_sanitise_value(value)}")
     if "bagging-date" not in labels:
         lines.append(f"Bagging-Date: {datetime.date.today().isoformat()}")
     if "payload-oxum" not in labels:
@@ -371,7 +373,7 @@ def _read_tag_file(bag_dir, name):
     fd = os.open(os.path.join(bag_dir, name), _OPEN_READ)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{os.fsdecode(name)}: not a regular file")
+            raise OSError("not a regular file")
         os.set_blocking(fd, True)
         chunks = []
         while True:

@@ -4,6 +4,7 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 import threading
 from contextlib import contextmanager
 
@@ -487,17 +488,28 @@ def test_a_data_folder_that_is_a_link_is_refused(tmp_path):
     assert verify_bag(tmp_path / "bag")[-1].startswith("data/: ")
 
 
-def test_a_payload_deeper_than_the_recursion_limit_is_walked(tmp_path):
+def test_a_payload_deeper_than_the_recursion_limit_is_walked():
+    # Not in tmp_path: pytest removes old temporary folders with a recursive rmtree that this depth breaks, so the
+    # tree is taken down here, deepest first, and a leftover (a killed run) would stay out of pytest's way.
     depth = 1100
-    path = os.path.join(tmp_path, "data")
-    os.mkdir(path)
+    bag_dir = tempfile.mkdtemp(prefix="mxsync-deep-bag-")
+    folders = [os.path.join(bag_dir, "data")]
     for _ in range(depth):  # os.makedirs itself recurses
-        path = os.path.join(path, "d")
-        os.mkdir(path)
-    with open(os.path.join(path, "leaf"), "wb") as handle:
-        handle.write(b"leaf")
-    entries, _, _ = payload_entries(tmp_path, "md5")
-    assert entries == [(b"d/" * depth + b"leaf", 4, hashlib.md5(b"leaf").hexdigest())]
+        folders.append(os.path.join(folders[-1], "d"))
+    leaf = os.path.join(folders[-1], "leaf")
+    try:
+        for folder in folders:
+            os.mkdir(folder)
+        with open(leaf, "wb") as handle:
+            handle.write(b"leaf")
+        entries, _, _ = payload_entries(bag_dir, "md5")
+        assert entries == [(b"d/" * depth + b"leaf", 4, hashlib.md5(b"leaf").hexdigest())]
+    finally:
+        if os.path.exists(leaf):
+            os.unlink(leaf)
+        for folder in reversed([bag_dir] + folders):
+            if os.path.isdir(folder):
+                os.rmdir(folder)
 
 
 # ---------------------------------------------------------------- stopping

@@ -14,6 +14,7 @@ import re
 import secrets
 import stat
 
+from mxsync import __version__
 from mxsync.errors import BagError, TransferStopped
 
 logger = logging.getLogger("mxsync.bag")
@@ -121,8 +122,14 @@ def _walk_payload(data_dir, skipped):
                     skipped.append(relative)
 
 
-def _payload_dir(bag_dir):
-    """bag_dir/data as bytes; BagError unless it is a real folder (a link to one is not followed)."""
+def _payload_dir(bag_dir, payload=None):
+    """bag_dir/data as bytes; BagError unless it is a real folder (a link to one is not followed).
+
+    `payload` names the payload folder another way: an open folder's /proc/self/fd/N, which no rename of the path
+    redirects (the one link followed, being that folder itself).
+    """
+    if payload is not None:
+        return os.fsencode(payload)
     data_dir = os.path.join(os.fsencode(bag_dir), b"data")
     try:
         mode = os.lstat(data_dir).st_mode
@@ -133,17 +140,20 @@ def _payload_dir(bag_dir):
     return data_dir
 
 
-def payload_entries(bag_dir, algorithm, known=None, stop=None, progress=None, skipped=None):
+def payload_entries(bag_dir, algorithm, known=None, stop=None, progress=None, skipped=None, changed=None, payload=None):
     """Digest every regular file under bag_dir/data: (sorted [(relative path bytes, size, hex)], hashed files, bytes).
 
     `known` maps relative path bytes to (size, file_stamp, hex) of an earlier hash; it is reused only when the
-    file's size and stamp are both unchanged. Links and special files are left out; pass a list as `skipped` to
-    receive their relative paths. BagError names a file or folder that cannot be read.
+    file's size and stamp are both unchanged. A file of the same size with a new stamp is hashed, and if its
+    digest is not the known one its path goes to `changed` (rewritten since: by whom?). Links and special files
+    are left out; pass a list as `skipped` to receive their relative paths. `payload`: see _payload_dir.
+    BagError names a file or folder that cannot be read.
     """
     _check_algorithm(algorithm)
     known = known or {}
     skipped = [] if skipped is None else skipped
-    data_dir = _payload_dir(bag_dir)
+    changed = [] if changed is None else changed
+    data_dir = _payload_dir(bag_dir, payload)
     entries = []
     hashed_files = hashed_bytes = 0
     walk = _walk_payload(data_dir, skipped)
@@ -164,6 +174,8 @@ def payload_entries(bag_dir, algorithm, known=None, stop=None, progress=None, sk
             digest, size = _hash_path(path, algorithm, stop, progress)
         except OSError as error:
             raise BagError(f"{os.fsdecode(path)}: cannot be hashed: {_reason(error)}") from error
+        if earlier is not None and earlier[0] == size and earlier[2] != digest:
+            changed.append(relative)
         # The size read, not the size listed: the digest and Payload-Oxum then describe the same bytes.
         entries.append((relative, size, digest))
         hashed_files += 1
@@ -279,6 +291,8 @@ def bag_info_text(info, entries):
         lines.append(f"Bagging-Date: {datetime.date.today().isoformat()}")
     if "payload-oxum" not in labels:
         lines.append(f"Payload-Oxum: {sum(entry[1] for entry in entries)}.{len(entries)}")
+    if "bag-software-agent" not in labels:  # how a later write_bag knows the bag is its own to replace
+        lines.append(f"Bag-Software-Agent: mxsync {__version__}")
     # backslashreplace: a value decoded from a non-UTF-8 name (surrogate escapes) still writes, visibly.
     return "".join(line + "\n" for line in lines).encode("utf-8", "backslashreplace")
 
@@ -315,7 +329,7 @@ def _write_file(bag_dir, name, content, mode):
         raise
 
 
-def _set_aside(bag_dir, name):
+def _set_aside(bag_dir, name, why="a manifest of another algorithm"):
     """Rename bag_dir/name to name.set-aside (or .set-aside.N when that is taken); return the new name."""
     target = name + SET_ASIDE_SUFFIX.encode()
     number = 1
@@ -323,8 +337,22 @@ def _set_aside(bag_dir, name):
         number += 1
         target = b"%s%s.%d" % (name, SET_ASIDE_SUFFIX.encode(), number)
     os.rename(os.path.join(bag_dir, name), os.path.join(bag_dir, target))
-    logger.info("%s: set aside as %s (a manifest of another algorithm)", os.fsdecode(name), os.fsdecode(target))
+    logger.info("%s: set aside as %s (%s)", os.fsdecode(name), os.fsdecode(target), why)
     return target
+
+
+TAG_FILE_LIMIT = 1 << 20  # bag-info.txt is a few lines; more is not one we read
+
+
+def _foreign_bag(bag_dir):
+    """True if bag_dir holds tag files mxsync did not write (its bag-info.txt names mxsync as the agent)."""
+    try:
+        content = read_tag_file(bag_dir, b"bag-info.txt", limit=TAG_FILE_LIMIT)
+        return not re.search(rb"(?mi)^Bag-Software-Agent: mxsync", content)
+    except OSError:
+        return os.path.lexists(os.path.join(bag_dir, b"bag-info.txt")) or os.path.lexists(
+            os.path.join(bag_dir, b"bagit.txt")
+        )
 
 
 def write_bag(bag_dir, entries, info, algorithm, mode=None):
@@ -345,15 +373,23 @@ def write_bag(bag_dir, entries, info, algorithm, mode=None):
 
     current = os.path.join(bag_dir, b"bagit.txt")
     try:
-        try:
-            os.unlink(current)
-        except FileNotFoundError:
-            pass
+        foreign = _foreign_bag(bag_dir)
+        if foreign:  # not ours to replace (someone's own bag, or a folder planted under a tag file's name)
+            for name in (b"bagit.txt", b"bag-info.txt"):
+                if os.path.lexists(os.path.join(bag_dir, name)):
+                    current = os.path.join(bag_dir, name)
+                    _set_aside(bag_dir, name, "a bag mxsync did not make")
+        else:
+            try:
+                os.unlink(current)  # our own bagit.txt, written again last
+            except FileNotFoundError:
+                pass
         _fsync_folder(bag_dir)  # the removal is on disk before anything it guards changes
         for name in sorted(os.listdir(bag_dir)):
-            if name not in (manifest_name, tagmanifest_name) and _ANY_MANIFEST.match(os.fsdecode(name)):
+            ours = name in (manifest_name, tagmanifest_name) and not foreign
+            if not ours and _ANY_MANIFEST.match(os.fsdecode(name)):
                 current = os.path.join(bag_dir, name)
-                _set_aside(bag_dir, name)
+                _set_aside(bag_dir, name, "a bag mxsync did not make" if foreign else "a manifest of another algorithm")
         for name, content in ((manifest_name, manifest), (b"bag-info.txt", bag_info), (tagmanifest_name, tagmanifest)):
             current = os.path.join(bag_dir, name)
             _write_file(bag_dir, name, content, mode)
@@ -368,12 +404,15 @@ def write_bag(bag_dir, entries, info, algorithm, mode=None):
 # ---------------------------------------------------------------- verifying a bag
 
 
-def _read_tag_file(bag_dir, name):
-    """The bytes of a tag file at the top of the bag, never through a link; OSError as is."""
+def read_tag_file(bag_dir, name, limit=None):
+    """The bytes of a tag file at the top of the bag, never through a link; OSError as is (also beyond `limit`)."""
     fd = os.open(os.path.join(bag_dir, name), _OPEN_READ)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise OSError("not a regular file")
+        if limit is not None and found.st_size > limit:
+            raise OSError(f"larger than {limit} bytes")
         os.set_blocking(fd, True)
         chunks = []
         while True:
@@ -431,7 +470,7 @@ def _verify_tag_manifests(bag_dir, stop, progress):
         if not _is_regular(os.path.join(bag_dir, name.encode())):
             continue
         try:
-            digests, found = parse_manifest(_read_tag_file(bag_dir, name.encode()), name, payload=False)
+            digests, found = parse_manifest(read_tag_file(bag_dir, name.encode()), name, payload=False)
         except OSError as error:
             problems.append(f"{name}: unreadable: {_reason(error)}")
             continue
@@ -464,7 +503,7 @@ def _check_oxum(tags, files):
     return []
 
 
-def verify_bag(bag_dir, fast=False, stop=None, progress=None):
+def verify_bag(bag_dir, fast=False, stop=None, progress=None, payload=None):
     """Every problem of the bag at bag_dir, as lines for people; [] when it is valid. Links are never followed.
 
     Checks bagit.txt, the tag manifests, Payload-Oxum, and the strongest payload manifest: every file missing,
@@ -475,7 +514,7 @@ def verify_bag(bag_dir, fast=False, stop=None, progress=None):
         return ["not a bag: no bagit.txt"]
     problems = []
     try:
-        declaration = parse_tags(_read_tag_file(bag_dir, b"bagit.txt"))
+        declaration = parse_tags(read_tag_file(bag_dir, b"bagit.txt", TAG_FILE_LIMIT))
     except (OSError, ValueError) as error:
         return [f"bagit.txt: unreadable: {_reason(error) if isinstance(error, OSError) else error}"]
     version = _tag(declaration, "BagIt-Version")
@@ -488,7 +527,7 @@ def verify_bag(bag_dir, fast=False, stop=None, progress=None):
     tags = []
     if os.path.lexists(os.path.join(bag_dir, b"bag-info.txt")):
         try:
-            tags = parse_tags(_read_tag_file(bag_dir, b"bag-info.txt"))
+            tags = parse_tags(read_tag_file(bag_dir, b"bag-info.txt", TAG_FILE_LIMIT))
         except (OSError, ValueError) as error:
             problems.append(f"bag-info.txt: unreadable: {_reason(error) if isinstance(error, OSError) else error}")
 
@@ -501,7 +540,7 @@ def verify_bag(bag_dir, fast=False, stop=None, progress=None):
     else:
         name = f"manifest-{algorithm}.txt"
         try:
-            digests, found = parse_manifest(_read_tag_file(bag_dir, name.encode()), name, payload=True)
+            digests, found = parse_manifest(read_tag_file(bag_dir, name.encode()), name, payload=True)
             problems.extend(found)
         except OSError as error:
             problems.append(f"{name}: unreadable: {_reason(error)}")
@@ -510,7 +549,7 @@ def verify_bag(bag_dir, fast=False, stop=None, progress=None):
         problems.extend(_verify_tag_manifests(bag_dir, stop, progress))
 
     try:
-        data_dir = _payload_dir(bag_dir)
+        data_dir = _payload_dir(bag_dir, payload)
     except BagError as error:
         return problems + [f"data/: {error}"]
     skipped = []

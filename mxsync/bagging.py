@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from mxsync import __version__
 from mxsync.bag import LOCAL_ALGORITHM, bagit_cannot_read, file_stamp, payload_entries, verify_bag, write_bag
 from mxsync.destination import writable_destination
 from mxsync.errors import BagError
@@ -46,10 +45,11 @@ class BagFigures:
         )
 
 
-def make_bag(bag_dir, info, known=None, stop=None, progress=None, name=None, preferred=None):
+def make_bag(bag_dir, info, known=None, stop=None, progress=None, name=None, preferred=None, payload=None):
     """Make `bag_dir` a bag around its data/ and check it; return BagFigures or raise BagError.
 
-    `name` is how messages call the folder (bag_dir may be an open folder's /proc/self/fd/N).
+    `name` is how messages call the folder (bag_dir may be an open folder's /proc/self/fd/N); `payload` names the
+    open data/ folder the same way (mxsync.bag._payload_dir).
     `known` maps a path under data/ (bytes) to (size, stamp, algorithm, digest), as the store keeps them. The bag
     takes the algorithm most of them have (rsync's), so that only the other files are hashed here; with none known,
     `preferred` (bag-algorithm), else LOCAL_ALGORITHM.
@@ -64,15 +64,21 @@ def make_bag(bag_dir, info, known=None, stop=None, progress=None, name=None, pre
         for path, (size, stamp, known_algorithm, digest) in known.items()
         if known_algorithm == algorithm
     }
-    skipped = []
+    skipped, changed = [], []
     entries, hashed, hashed_bytes = payload_entries(
-        bag_dir, algorithm, usable, stop=stop, progress=progress, skipped=skipped
+        bag_dir, algorithm, usable, stop=stop, progress=progress, skipped=skipped, changed=changed, payload=payload
     )
+    if changed:
+        # rsync delivered other bytes: the file was rewritten at the same size since (its files are group-writable).
+        raise BagError(
+            f"{name}: {len(changed)} file(s) in data/ changed since rsync wrote them, at the same size (first: "
+            f"{os.fsdecode(changed[0])!r}); who else writes there? The facility's copy is what the bag must describe"
+        )
     try:
         write_bag(bag_dir, entries, info, algorithm, mode=TAG_FILE_MODE)
     except BagError as error:
         raise BagError(str(error).replace(str(bag_dir), str(name))) from None
-    problems = verify_bag(bag_dir, fast=True)
+    problems = verify_bag(bag_dir, fast=True, payload=payload)
     if problems:
         raise BagError(f"{name}: the bag just written does not check out: {'; '.join(problems[:3])}")
     if skipped:
@@ -118,7 +124,6 @@ def bag_info(record, source_host=None, source_path=None, when=None):
     if source_path:
         pairs.append(("Source-Path", source_path))
     pairs.append(("Bagging-Date", (when or datetime.now(timezone.utc)).strftime("%Y-%m-%d")))
-    pairs.append(("Bag-Software-Agent", f"mxsync {__version__}"))
     return pairs
 
 
@@ -147,6 +152,12 @@ class Bagger:
         """
         if not result.checksums or self.rsync_algorithm is None:
             return
+        try:
+            self._remember(epn, data_folder, result)
+        except Exception:  # an optimisation: the bag hashes those files itself, and the transfer goes on
+            logger.warning("%s: could not keep rsync's checksums; the bag hashes the files here", epn, exc_info=True)
+
+    def _remember(self, epn, data_folder, result):
         length = DIGEST_LENGTHS.get(self.rsync_algorithm)
         entries = {}
         for path, (size, digest) in result.checksums.items():
@@ -180,7 +191,14 @@ class Bagger:
             info = bag_info(self.record_for(epn), self.source_host, source_path)
             known = self.history.checksums(epn)
             figures = make_bag(
-                bag_dir, info, known, stop=self.stop, progress=progress, name=name, preferred=self.algorithm
+                bag_dir,
+                info,
+                known,
+                stop=self.stop,
+                progress=progress,
+                name=name,
+                preferred=self.algorithm,
+                payload=f"/proc/self/fd/{data_folder}",
             )
         finally:
             os.close(epn_folder)

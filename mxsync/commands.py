@@ -101,9 +101,9 @@ class Commands:
             return arguments + ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         return arguments + list(session_options)
 
-    def transfer(self, source, destination, dry_run, session_options=None):
+    def transfer(self, source, destination, dry_run, session_options=None, checksums=True):
         """Return the rsync of a remote source folder into a local destination (a path, or an open folder's
-        descriptor: see local())."""
+        descriptor: see local()); `checksums=False` leaves out the bag's checksum options."""
         settings = self.settings
         arguments = ["rsync", *BASE_OPTIONS]
         if settings.rsync_io_timeout:
@@ -113,7 +113,7 @@ class Commands:
         if dry_run:
             arguments.append("--dry-run")
         arguments += list(settings.rsync_options)
-        if settings.checksum and not dry_run:
+        if settings.checksum and checksums and not dry_run:
             arguments += checksum_options(settings.checksum)
         arguments += ["--rsh", rsh_string(self.ssh(session_options))]
         return arguments + [self.remote(source), local(destination)]

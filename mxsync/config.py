@@ -830,7 +830,9 @@ def load_config(path, check_files=True):
     log_files = _check_log_files(values["log-files"], collector, resolve)
     smtp = _check_smtp(values, collector)
     _check_rsync_options(values["rsync-options"], values["rsync-bwlimit"], collector)
-    if values["bag"] and any(_is_checksum_choice(option) for option in values["rsync-options"]):
+    if values["bag"] and any(
+        _is_checksum_choice(option) and rsync_option_problem(option) is None for option in values["rsync-options"]
+    ):
         collector.warning(
             "rsync-options",
             "--checksum-choice is set, so rsync cannot give the bag its checksums; each final pass hashes the "

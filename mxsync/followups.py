@@ -8,6 +8,7 @@ on-synced-retries attempts, then staff are alerted; an action never un-records a
 
 import logging
 import os
+import stat
 
 from mxsync import alerts
 from mxsync.errors import FollowUpError, TransferStopped
@@ -60,8 +61,16 @@ def build_record(config, history, epn):
         "scientists": scientists,
         "files": verified.files if verified else None,
         "bytes": verified.bytes if verified else None,
-        "bagged": bool(project) and os.path.isfile(config.destination_root / project / epn / "bagit.txt"),
+        "bagged": bool(project) and _is_file(config.destination_root / project / epn / "bagit.txt"),
     }
+
+
+def _is_file(path):
+    """True for a regular file, never through a symlink (project members can plant one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _person(person):

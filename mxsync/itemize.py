@@ -23,6 +23,7 @@ OUT_FORMAT_WITH_CHECKSUM = "%i %l %C/%n%L"
 ESCAPED_BYTE = re.compile(rb"\\#([0-7]{3})")
 UNSAFE_LINK = re.compile(rb'^ignoring unsafe symlink "(.*)" -> "(.*)"$')
 LINK_ARROW = b" -> "
+HEX_DIGEST = re.compile(rb"[0-9a-f]{32,128}")
 
 
 class FileList:
@@ -123,7 +124,7 @@ def record_item(result, raw_line, epn):
     if item[:1] in (b">", b"c"):
         result.files_transferred += 1
         result.bytes_transferred += size
-        if digest:
+        if HEX_DIGEST.fullmatch(digest):
             result.checksums[relative] = (size, digest.decode("ascii"))
 
 

@@ -13,7 +13,7 @@ from mxsync.commands import PROBE_FILTERS, Commands, CommandSettings, local
 from mxsync.connection import SharedConnection
 from mxsync.errors import ProcessStartError, TransferStopped
 from mxsync.itemize import TransferResult, record_item
-from mxsync.processes import rsync_failure, ssh_failure, supervisor
+from mxsync.processes import rsync_failure, ssh_failure, supervisor, tail_text
 
 logger = logging.getLogger("mxsync.rsync")
 
@@ -28,6 +28,8 @@ class RsyncRunner:
         self.commands = Commands(CommandSettings.from_config(config))
         self.dry_run = dry_run
         self.connection = None
+        # Why rsync (here or at the facility) refused the bag's checksum options, once it has: then none are asked.
+        self.checksum_refusal = None
 
     # ------------------------------------------------------------ commands (tests and tools use these)
 
@@ -36,7 +38,11 @@ class RsyncRunner:
 
     def rsync_arguments(self, source, destination, dry_run=None, session_options=None):
         return self.commands.transfer(
-            source, destination, self.dry_run if dry_run is None else dry_run, session_options
+            source,
+            destination,
+            self.dry_run if dry_run is None else dry_run,
+            session_options,
+            checksums=self.checksum_refusal is None,
         )
 
     # ------------------------------------------------------------ connection
@@ -141,7 +147,7 @@ class RsyncRunner:
         started = time.monotonic()
         holder = {}
         dry_run = self.dry_run if dry_run is None else dry_run
-        with_checksums = bool(self.commands.settings.checksum) and not dry_run
+        with_checksums = bool(self.commands.settings.checksum) and not dry_run and self.checksum_refusal is None
 
         def build(options):
             # A retry over a connection of its own starts afresh.
@@ -157,6 +163,17 @@ class RsyncRunner:
         finished = self._run_rsync(build, f"{epn}: rsync", on_line, pass_fds)
         result = holder["result"]
         result.seconds = time.monotonic() - started
+        if finished.returncode != 0 and with_checksums and _refuses_checksums(finished):
+            # An optimisation for the bag must never stop data from moving: go on without it.
+            self.checksum_refusal = tail_text(finished.stderr_tail)
+            logger.warning(
+                "%s: rsync cannot print %s checksums (here or at the facility: %s); transfers go on without them "
+                "and bags hash their files here",
+                epn,
+                self.commands.settings.checksum,
+                self.checksum_refusal,
+            )
+            return self.transfer(epn, source, destination, progress, dry_run)
         if finished.returncode != 0:
             error = rsync_failure("", _name_open_folder(finished, destination))
             error.result = result  # what did arrive (a partial run's checksums are still worth keeping)
@@ -178,6 +195,14 @@ class RsyncRunner:
         if finished.stopped and finished.returncode != 0:
             raise TransferStopped(f"{what}: stopped")
         return finished
+
+
+def _refuses_checksums(finished):
+    """True if rsync ended because it (or the facility's) does not know --checksum-choice or the algorithm."""
+    said = " ".join(finished.stderr_tail).lower()
+    return finished.returncode in (1, 2, 4, 12) and (
+        "checksum" in said or "unknown option" in said or "unrecognized option" in said
+    )
 
 
 def _name_open_folder(finished, destination):

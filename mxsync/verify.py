@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from mxsync.bag import verify_bag
+from mxsync.bag import TAG_FILE_LIMIT, parse_tags, read_tag_file, verify_bag
 from mxsync.bagging import Bagger
 from mxsync.cli_support import load_and_log
 from mxsync.destination import epn_destination, writable_destination
@@ -34,7 +34,8 @@ def run_verify(config_path, epns=(), all_epns=False, fast=False, bag=False, out=
         if not is_epn(epn):
             raise ConfigError("mxsync verify", [f"{describe(epn)} is not an EPN (digits then lower-case letters)"])
     config = load_and_log(config_path, "sync")
-    selected = list(epns) or sorted(IgnoreFile(config.ignore_file).load())
+    recorded = IgnoreFile(config.ignore_file).load()
+    selected = list(epns) or sorted(recorded)
     progress = ByteProgress(sys.stderr) if sys.stderr.isatty() else None
     failed = bagged = 0
     with History(config.state_dir, read_only=True) as history:
@@ -51,6 +52,8 @@ def run_verify(config_path, epns=(), all_epns=False, fast=False, bag=False, out=
         if progress is not None and not fast:
             progress.total = sum(_payload_bytes(folder) for folder in folders.values() if isinstance(folder, str))
         for epn, folder in folders.items():
+            if progress is not None:
+                progress.clear()
             if not isinstance(folder, str):  # why it has no folder to check
                 failed += 1
                 print(f"{epn}: {folder[0]}", file=out)
@@ -59,6 +62,10 @@ def run_verify(config_path, epns=(), all_epns=False, fast=False, bag=False, out=
                 if not bag:
                     failed += 1
                     print(f"{epn}: not a bag yet (recorded before bags?): `mxsync verify --bag` makes one", file=out)
+                    continue
+                if epn not in recorded:  # the service may be writing it now, and bags it itself
+                    failed += 1
+                    print(f"{epn}: not recorded in {config.ignore_file.name}; the service bags it when it is", file=out)
                     continue
                 try:
                     figures = _make_bag(bagger, config, epn, progress)
@@ -97,8 +104,12 @@ def _bag_folder(config, epn):
         data = epn_destination(config, project, epn)
     except UnsafeNameError as error:
         return (f"refused: {error}",)
-    if not os.path.isdir(data):
+    try:
+        os.stat(data)
+    except FileNotFoundError:
         return (f"no folder {data}",)
+    except OSError as error:
+        return (f"cannot read {data}: {error.strerror}",)
     return str(data.parent)
 
 
@@ -111,14 +122,13 @@ def _make_bag(bagger, config, epn, progress):
 def _payload_bytes(folder):
     """The bytes of a bag's payload as its bag-info.txt says (Payload-Oxum), 0 if it does not say."""
     try:
-        with open(os.path.join(folder, "bag-info.txt"), encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                label, _, value = line.partition(":")
-                if label.strip().lower() == "payload-oxum":
-                    return int(value.strip().partition(".")[0])
+        tags = dict(
+            (label.lower(), value)
+            for label, value in parse_tags(read_tag_file(os.fsencode(folder), b"bag-info.txt", TAG_FILE_LIMIT))
+        )
+        return int(tags.get("payload-oxum", "0").partition(".")[0])
     except (OSError, ValueError):
-        pass
-    return 0
+        return 0
 
 
 class ByteProgress:
@@ -148,6 +158,12 @@ class ByteProgress:
             text = f"{human_bytes(self.done)} ({human_bytes(rate)}/s)"
         self.stream.write(f"\r{text}\x1b[K")
         self.stream.flush()
+
+    def clear(self):
+        """Clear the bar's line, so a result line can be printed on it."""
+        if self.done:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
     def finish(self):
         if self.done:

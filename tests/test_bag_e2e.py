@@ -2,7 +2,9 @@
 package; `mxsync verify` finds a flipped byte, a removed and an added file."""
 
 import hashlib
+import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -129,8 +131,9 @@ def test_a_resumed_partial_file_gets_the_checksum_of_the_whole_file(facility):
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
     assert recorded(config) == set()
-    partial = [path for path in (_folder(facility) / "data").rglob(".*") if path.is_file()]
-    assert partial, "rsync --partial kept nothing to resume from; the test needs a slower transfer"
+    # rsync --partial keeps a cut-off file under its own name: the next run resumes from it.
+    frames = [path for path in (_folder(facility) / "data" / "frames").glob("*.cbf")]
+    assert any(path.stat().st_size < 1024 * 1024 for path in frames), f"nothing to resume from: {frames}"
 
     config = facility.write_config()
     mxsync("--config", config, "--execute", "--once", check=0)
@@ -266,3 +269,65 @@ def test_unusual_names_are_bagged_and_verified(facility, name, bagit_reads_it):
         bagit.Bag(str(folder)).validate()
     else:  # the bagit package never decodes %25: the log names the file for staff using other tools
         assert "file name(s) that the bagit package cannot read back (first: 'frames/100%.cbf')" in sync_log(facility)
+
+
+def test_a_bag_that_cannot_be_written_leaves_the_epn_unrecorded_and_alerted(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    config = facility.write_config(failure_alert_cycles=1)
+    (_folder(facility) / "manifest-sha1.txt").mkdir(parents=True)  # planted where the manifest goes
+
+    mxsync("--config", config, "--execute", "--once", check=1)
+
+    assert recorded(config) == set()
+    assert "12282a: FAILED: verified, but its bag could not be made:" in sync_log(facility)
+    assert "manifest-sha1.txt: cannot write the bag: Is a directory" in sync_log(facility)
+    assert not (_folder(facility) / "bagit.txt").exists()
+    assert facility.smtp.wait_for(1, timeout=10), "no alert to staff"
+
+
+RSYNC_WITHOUT_SHA1 = """#!/bin/sh
+# An rsync built without sha1 file checksums (before 3.2.7, or without OpenSSL).
+for argument in "$@"; do
+    case "$argument" in --checksum-choice=*) echo "unknown checksum name: sha1" >&2; exit 4 ;; esac
+done
+exec {rsync} "$@"
+"""
+
+
+def test_an_rsync_that_cannot_print_the_checksum_still_moves_the_data_and_the_bag_is_hashed_here(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    facility.add_experiment("mx", "12282b", equipment_id=23, **ENDED)
+    wrapper = facility.workdir / "old-rsync" / "rsync"
+    wrapper.parent.mkdir()
+    wrapper.write_text(RSYNC_WITHOUT_SHA1.format(rsync=shutil.which("rsync")))
+    wrapper.chmod(0o755)
+    config = facility.write_config(max_tasks=1)
+
+    mxsync(
+        "--config",
+        config,
+        "--execute",
+        "--once",
+        check=0,
+        env={**os.environ, "PATH": f"{wrapper.parent}:{os.environ['PATH']}"},
+    )
+
+    assert recorded(config) == {"12282a", "12282b"}
+    log = sync_log(facility)
+    assert log.count("rsync cannot print sha1 checksums") == 1  # found once, then not asked again
+    for epn in ("12282a", "12282b"):
+        assert _manifest(_folder(facility, epn)) == _source_digests(facility, epn)
+        bagit.Bag(str(_folder(facility, epn))).validate()
+    assert re.search(r"12282a: bagged \d+ files in .* sha1 \(0 checksums from rsync", log)
+
+
+def test_verify_bag_leaves_an_epn_that_is_not_recorded_to_the_service(facility):
+    facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
+    config = facility.write_config(bag=False)
+    mxsync("--config", config, "--execute", "--once", check=0)
+    ignore = ignore_path(config)
+    ignore.write_text(yaml.safe_dump({**yaml.safe_load(ignore.read_text()), "previouslySynched": []}))
+
+    output = mxsync("verify", "--config", config, "--bag", "12282a", check=1).stdout
+    assert "12282a: not recorded in ignore.yml; the service bags it when it is" in output
+    assert not (_folder(facility) / "bagit.txt").exists()

@@ -622,3 +622,20 @@ def test_check_command_counts_the_map_file_and_refuses_a_missing_one_in_one_line
         f"mxsync: error: {path}: epn-cap-map-file: {map_file} does not exist; "
         "create it (an empty mapping {} is fine) or remove the key\n"
     )
+
+
+def test_bag_keys_default_to_sha1_bags_and_are_validated(tmp_path):
+    config = load_config(write(tmp_path, legacy_data()))
+    assert (config.bag, config.bag_algorithm, config.rsync_checksum) == (True, "sha1", "sha1")
+    config = load_config(write(tmp_path, {**legacy_data(), "bag": False}))
+    assert config.rsync_checksum is None
+    (problem,) = problems_of(tmp_path, bag_algorithm="sha256")
+    assert problem.startswith("bag-algorithm: ") and "sha1" in problem and "md5" in problem
+    (problem,) = problems_of(tmp_path, bag="yes please")
+    assert problem.startswith("bag: ")
+
+
+def test_a_users_checksum_choice_keeps_rsyncs_checksums_out_of_the_bag_with_a_warning(tmp_path):
+    config = load_config(write(tmp_path, {**legacy_data(), "rsync-options": ["--cc=xxh128"]}))
+    assert config.rsync_checksum is None and config.bag
+    assert any("rsync-options: --checksum-choice is set" in warning for warning in config.warnings)

@@ -363,7 +363,7 @@ def test_bag_info_values_stay_on_one_line_and_bagit_reads_them_back(tmp_path):
     write_bag(tmp_path, entries, info, "sha256")
     assert (tmp_path / "bag-info.txt").read_text() == (
         "Contact-Name: Rosalind F\nContact-Name: Max P Newline\nSource-Path: /data/12282a rm -rf   x\n"
-        "Bagging-Date: 2024-04-28\nPayload-Oxum: 1.1\nBag-Count: 1\n"
+        "Bagging-Date: 2024-04-28\nPayload-Oxum: 1.1\nBag-Count: 1\nBag-Software-Agent: mxsync 2.0.0\n"
     )
     read = bagit.Bag(str(tmp_path))
     assert read.info["Contact-Name"] == ["Rosalind F", "Max P Newline"]
@@ -439,10 +439,23 @@ def test_a_bag_cut_off_before_its_end_has_no_bagit_txt(tmp_path, monkeypatch):
 
 def test_a_bag_that_cannot_be_written_raises_bag_error_naming_the_file(tmp_path):
     make_payload(tmp_path, {"a": b"1"})
-    (tmp_path / "bag-info.txt").mkdir()
-    with pytest.raises(BagError, match=r"bag-info.txt: cannot write the bag: Is a directory"):
+    (tmp_path / "manifest-sha256.txt").mkdir()
+    with pytest.raises(BagError, match=r"manifest-sha256.txt: cannot write the bag: Is a directory"):
         bag_up(tmp_path)
-    assert os.listdir(tmp_path / "bag-info.txt") == []
+    assert os.listdir(tmp_path / "manifest-sha256.txt") == []
+    assert not (tmp_path / "bagit.txt").exists()
+
+
+def test_a_bag_mxsync_did_not_make_is_set_aside_whole_never_replaced(tmp_path):
+    make_payload(tmp_path, {"a": b"1"})
+    (tmp_path / "bagit.txt").write_text("BagIt-Version: 0.97\nTag-File-Character-Encoding: UTF-8\n")
+    (tmp_path / "bag-info.txt").write_text("Source-Organization: a scientist's own bag\n")
+    (tmp_path / "manifest-md5.txt").write_text("0" * 32 + "  data/a\n")
+    bag_up(tmp_path)
+    assert (tmp_path / "bagit.txt.set-aside").read_text().startswith("BagIt-Version: 0.97")
+    assert "own bag" in (tmp_path / "bag-info.txt.set-aside").read_text()
+    assert (tmp_path / "manifest-md5.txt.set-aside").read_text().startswith("0" * 32)
+    assert verify_bag(tmp_path) == []
 
 
 # ---------------------------------------------------------------- links and special files

@@ -9,7 +9,7 @@ import pytest
 
 from mxsync.bag import file_stamp
 from mxsync.bagging import Bagger, bag_info, make_bag
-from mxsync.errors import TransferStopped
+from mxsync.errors import BagError, TransferStopped
 from mxsync.itemize import TransferResult
 
 RECORD = {
@@ -64,13 +64,22 @@ def test_known_checksums_are_reused_and_only_the_rest_hashed(tmp_path):
     bagit.Bag(str(data.parent)).validate()
 
 
-def test_a_file_changed_since_its_checksum_was_taken_is_hashed_again(tmp_path):
-    data = _epn(tmp_path, {"a": b"old content"})
+def test_a_file_touched_since_its_checksum_was_taken_is_hashed_again(tmp_path):
+    data = _epn(tmp_path, {"a": b"content"})
     known = _known(data, "sha1", ["a"])
-    (data / "a").write_bytes(b"new content")  # same size, new stamp: the kept checksum is stale
+    os.chmod(data / "a", 0o600)  # a new stamp (ctime), the same bytes
     figures = make_bag(data.parent, bag_info(RECORD), known)
     assert figures.hashed == 1
-    bagit.Bag(str(data.parent)).validate()  # the manifest holds the new content's checksum
+    bagit.Bag(str(data.parent)).validate()
+
+
+def test_a_file_rewritten_at_the_same_size_since_rsync_wrote_it_stops_the_bag(tmp_path):
+    data = _epn(tmp_path, {"a": b"old content"})
+    known = _known(data, "sha1", ["a"])
+    (data / "a").write_bytes(b"new content")  # what the facility sent is gone: the bag must not vouch for this
+    with pytest.raises(BagError, match=r"1 file\(s\) in data/ changed since rsync wrote them.*'a'"):
+        make_bag(data.parent, bag_info(RECORD), known)
+    assert not (data.parent / "bagit.txt").exists()
 
 
 def test_with_nothing_known_the_preferred_algorithm_is_used(tmp_path):
@@ -86,7 +95,7 @@ def test_bag_info_holds_the_epn_its_visit_and_people(tmp_path):
     assert labels["Principal-Scientist"] == "Zoë Ångström <zoe@uni.example.edu>"
     assert labels["Data-Scientist"] == "Ada Lovelace"
     assert labels["Source-Host"] == "mx-sftp.synchrotron.org.au" and labels["Source-Path"] == "/data/mx/12282a"
-    assert labels["Visit-Start"] == RECORD["visit_start"] and labels["Bag-Software-Agent"].startswith("mxsync ")
+    assert labels["Visit-Start"] == RECORD["visit_start"]
 
 
 def test_remember_keeps_rsyncs_checksums_with_the_stamp_and_skips_files_that_are_not_as_reported(tmp_path):

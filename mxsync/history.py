@@ -261,9 +261,6 @@ class History:
         """Return the checksums kept for the EPN (mxsync.store.Store.checksums); {} if the store cannot answer."""
         return self._call(f"read the checksums of {epn}", "checksums", epn, default={})
 
-    def forget_checksums(self, epn):
-        self._call(f"forget the checksums of {epn}", "forget_checksums", epn)
-
     # ------------------------------------------------------------ follow-ups of a record (mxsync.followups)
 
     def followup_queue(self, epn, actions):

@@ -623,10 +623,6 @@ class Store:
         )
         return {bytes(row[0]): (row[1], (row[2], row[3], row[4]), row[5], row[6]) for row in rows}
 
-    def forget_checksums(self, epn):
-        with self._transaction(f"forget the checksums of {epn}") as db:
-            db.execute("DELETE FROM checksums WHERE epn = ?", (epn,))
-
     # ------------------------------------------------------------ follow-ups of a record
 
     def followup_queue(self, epn, actions, when=None):

@@ -21,6 +21,8 @@ from mxsync.pipeline import human_bytes
 
 logger = logging.getLogger("mxsync.bagging")
 
+# As rsync's --chmod leaves the data files: the project's group reads them as it reads its data.
+TAG_FILE_MODE = 0o664
 # The digest lengths of the algorithms rsync may print (config BAG_ALGORITHMS): a field of another length is not one.
 DIGEST_LENGTHS = {"md5": 32, "sha1": 40}
 
@@ -62,14 +64,25 @@ def make_bag(bag_dir, info, known=None, stop=None, progress=None, name=None, pre
         for path, (size, stamp, known_algorithm, digest) in known.items()
         if known_algorithm == algorithm
     }
-    entries, hashed, hashed_bytes = payload_entries(bag_dir, algorithm, usable, stop=stop, progress=progress)
+    skipped = []
+    entries, hashed, hashed_bytes = payload_entries(
+        bag_dir, algorithm, usable, stop=stop, progress=progress, skipped=skipped
+    )
     try:
-        write_bag(bag_dir, entries, info, algorithm)
+        write_bag(bag_dir, entries, info, algorithm, mode=TAG_FILE_MODE)
     except BagError as error:
         raise BagError(str(error).replace(str(bag_dir), str(name))) from None
     problems = verify_bag(bag_dir, fast=True)
     if problems:
         raise BagError(f"{name}: the bag just written does not check out: {'; '.join(problems[:3])}")
+    if skipped:
+        # RFC 8493 payload is files; the bagit package counts a link to a file as one (and fails on it).
+        logger.warning(
+            "%s: %d symlink(s) or special file(s) in data/ are not in the manifest (first: %r)",
+            name,
+            len(skipped),
+            os.fsdecode(skipped[0]),
+        )
     unreadable = [path for path, _size, _digest in entries if bagit_cannot_read(path)]
     if unreadable:
         logger.warning(

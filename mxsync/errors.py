@@ -74,3 +74,7 @@ class StoreError(MxsyncError):
 
 class FollowUpError(MxsyncError):
     """A follow-up of a record (an on-synced hook, an email) failed; it is retried in later cycles."""
+
+
+class BagError(MxsyncError):
+    """A BagIt bag (bagit.txt, bag-info.txt, the manifests) could not be read or written; names the file."""

@@ -459,6 +459,8 @@ class Store:
                     " WHERE epn = ?",
                     (epn,),
                 )
+            if state == "recorded":  # bagged: the checksums kept for its bag are not needed any more
+                db.execute("DELETE FROM checksums WHERE epn = ?", (epn,))
 
     def states(self, state=None):
         """Return {EPN: EpnState} for every EPN in the store, or those in `state` (None: no lifecycle state set yet)."""

@@ -33,7 +33,7 @@ def run_verify(config_path, epns=(), all_epns=False, fast=False, bag=False, out=
     for epn in epns:
         if not is_epn(epn):
             raise ConfigError("mxsync verify", [f"{describe(epn)} is not an EPN (digits then lower-case letters)"])
-    config = load_and_log(config_path, "mxsync")
+    config = load_and_log(config_path, "sync")
     selected = list(epns) or sorted(IgnoreFile(config.ignore_file).load())
     progress = ByteProgress(sys.stderr) if sys.stderr.isatty() else None
     failed = bagged = 0

@@ -26,6 +26,7 @@ def _manifest(folder, algorithm="sha1"):
     entries = {}
     for line in (folder / f"manifest-{algorithm}.txt").read_text().splitlines():
         digest, path = line.split("  ", 1)
+        path = re.sub("%(0A|0D|25)", lambda match: chr(int(match.group(1), 16)), path)  # RFC 8493 2.1.3
         entries[path.removeprefix("data/")] = digest
     return entries
 
@@ -250,13 +251,18 @@ def test_verify_usage_errors_are_one_line_and_exit_2(facility):
     assert "12282b: no folder" in result.stdout
 
 
-@pytest.mark.parametrize("name", ["with space.cbf", "zoë-ångström.cbf", "100%.cbf"])
-def test_unusual_names_are_bagged_and_validated(facility, name):
+@pytest.mark.parametrize(
+    "name, bagit_reads_it", [("with space.cbf", True), ("zoë-ångström.cbf", True), ("100%.cbf", False)]
+)
+def test_unusual_names_are_bagged_and_verified(facility, name, bagit_reads_it):
     experiment = facility.add_experiment("mx", "12282a", equipment_id=23, **ENDED)
     (experiment / "frames" / name).write_bytes(b"frame")
     config = facility.write_config()
     mxsync("--config", config, "--execute", "--once", check=0)
     folder = _folder(facility)
-    bagit.Bag(str(folder)).validate()
-    assert f"frames/{name}" in _manifest(folder)
+    assert _manifest(folder) == _source_digests(facility, "12282a")
     mxsync("verify", "--config", config, "12282a", check=0)
+    if bagit_reads_it:
+        bagit.Bag(str(folder)).validate()
+    else:  # the bagit package never decodes %25: the log names the file for staff using other tools
+        assert "file name(s) that the bagit package cannot read back (first: 'frames/100%.cbf')" in sync_log(facility)

@@ -63,6 +63,9 @@ def main(arguments):
 
         step(f"mxsync status --config {config}")
         run("mxsync", "status", "--config", config)
+
+        step(f"mxsync verify --config {config} --all   (every recorded EPN's BagIt bag, checked again)")
+        run("mxsync", "verify", "--config", config, "--all")
         print(f"Logs are in {workdir / 'log'}; the facility is stopped now.")
 
 

@@ -94,10 +94,26 @@ def coreutils_seconds(tool, paths):
     return seconds
 
 
+def epn_worker_seconds(log_text, epns):
+    """From one pass's log: the EPNs' worker time, the sum of 'started' to 'synced and verified' (which includes
+    the recheck and the bag); None unless every EPN shows both."""
+    moments = {}
+    for line in log_text.splitlines():
+        match = RECORD_LINE.search(line)
+        if match:
+            moments.setdefault(match.group(1), {})[match.group(2).split()[0].rstrip(",")] = log_moment(line)
+    spans = [
+        (moments[epn]["synced"] - moments[epn]["started"]).total_seconds()
+        for epn in epns
+        if "started" in moments.get(epn, {}) and "synced" in moments.get(epn, {})
+    ]
+    return sum(spans) if len(spans) == len(epns) else None
+
+
 def bag_steps(log_text, epns):
-    """From one pass's log: the bag step of every EPN (seconds, files, where the checksums came from) and the EPNs'
-    worker time from 'started' to 'synced and verified' (which includes the bag). BenchError if an EPN has none."""
-    bags, moments = {}, {}
+    """From one pass's log: every EPN's bag step as mxsync logs it (seconds to 0.1 s, files, where the checksums
+    came from), summed over the EPNs. BenchError if an EPN shows none."""
+    bags = {}
     for line in log_text.splitlines():
         match = BAG_LINE.search(line)
         if match:
@@ -109,18 +125,9 @@ def bag_steps(log_text, epns):
                 hashed=int(match.group(6)),
                 hashed_bytes=match.group(7),
             )
-            continue
-        match = RECORD_LINE.search(line)
-        if match:
-            moments.setdefault(match.group(1), {})[match.group(2).split()[0].rstrip(",")] = log_moment(line)
     missing = sorted(set(epns) - set(bags))
     if missing:
         raise BenchError(f"the log shows no bag for {len(missing)} EPN(s), first {missing[0]}")
-    spans = [
-        (found["synced"] - found["started"]).total_seconds()
-        for epn, found in moments.items()
-        if epn in bags and "started" in found and "synced" in found
-    ]
     steps = [bags[epn] for epn in epns]
     return dict(
         bag_step_s=sum(step["seconds"] for step in steps),
@@ -129,7 +136,6 @@ def bag_steps(log_text, epns):
         from_rsync=sum(step["from_rsync"] for step in steps),
         hashed_here=sum(step["hashed"] for step in steps),
         algorithms=sorted({step["algorithm"] for step in steps}),
-        epn_worker_s=sum(spans) if len(spans) == len(steps) else None,
     )
 
 
@@ -169,11 +175,11 @@ def fig_bag_pass(bench, sizes):
                 run[f"{key}_s"] = figures["seconds"]
                 run[f"{key}_cpu_s"] = figures["self_cpu_s"]
                 run[f"{key}_children_cpu_s"] = figures["children_cpu_s"]
+                run[f"{key}_epn_worker_s"] = epn_worker_seconds(text, epns)
                 if bags:
-                    steps = bag_steps(text, epns)
-                    run.update({f"{key}_{name}": value for name, value in steps.items()})
-                    if steps["epn_worker_s"]:
-                        run[f"{key}_bag_share"] = steps["bag_step_s"] / steps["epn_worker_s"]
+                    run.update({f"{key}_{name}": value for name, value in bag_steps(text, epns).items()})
+                    if run[f"{key}_epn_worker_s"]:
+                        run[f"{key}_bag_share"] = run[f"{key}_bag_step_s"] / run[f"{key}_epn_worker_s"]
 
             return measure
 
@@ -190,7 +196,8 @@ def fig_bag_pass(bench, sizes):
                 f"run {index + 1}: bag (sha1) {run['bag_s']:.1f} s (bag steps {run['bag_bag_step_s']:.2f} s over "
                 f"{len(epns)} EPNs, {run['bag_from_rsync']} checksums from rsync, {run['bag_hashed_here']} hashed "
                 f"here), bag: false {run['nobag_s']:.1f} s, md5 {run['md5_s']:.1f} s (bag steps "
-                f"{run['md5_bag_step_s']:.2f} s)"
+                f"{run['md5_bag_step_s']:.2f} s); EPN worker time {run['bag_epn_worker_s'] or 0:.1f} / "
+                f"{run['nobag_epn_worker_s'] or 0:.1f} / {run['md5_epn_worker_s'] or 0:.1f} s"
             )
         scene.reset_destination()
     details = dict(
@@ -210,11 +217,19 @@ def fig_bag_pass(bench, sizes):
         md5_bag_share_of_epn_time=summary(runs, "md5_bag_share"),
         checksums_from_rsync=summary(runs, "bag_from_rsync"),
         files_hashed_here=summary(runs, "bag_hashed_here"),
+        bag_epn_worker_s=summary(runs, "bag_epn_worker_s"),
+        nobag_epn_worker_s=summary(runs, "nobag_epn_worker_s"),
+        md5_epn_worker_s=summary(runs, "md5_epn_worker_s"),
+        bag_cpu_s=summary(runs, "bag_cpu_s"),
+        nobag_cpu_s=summary(runs, "nobag_cpu_s"),
+        md5_cpu_s=summary(runs, "md5_cpu_s"),
         bag_children_cpu_s=summary(runs, "bag_children_cpu_s"),
         nobag_children_cpu_s=summary(runs, "nobag_children_cpu_s"),
         md5_children_cpu_s=summary(runs, "md5_children_cpu_s"),
         method="mxsync --execute --once into a fresh destination per side; bag steps are the sum over the EPNs of "
-        "the seconds mxsync logs for each ('bagged N files in X s'), in the EPNs' worker slots",
+        "the seconds mxsync logs for each ('bagged N files in X s', to 0.1 s), in the EPNs' worker slots; EPN "
+        "worker time is the sum over the EPNs of 'started' to 'synced and verified' (transfer, recheck, bag); "
+        "children CPU is rsync's and ssh's on this side of the connection",
     )
     return ratio_figure(
         "8a",

@@ -52,6 +52,10 @@ SIZES = {
         "live_latency": dict(files=16, span_s=480, frame_size=4 * MIB, give_up_s=600),
         "settle_record": dict(lead_s=20, frames=2, give_up_s=600, max_runs=None),
         "noop_known": dict(epns=10000),
+        # Issue 13's bags (bench/bag_figures.py): figure 1's EPNs, fewer of them.
+        "bag_pass": dict(epns=4, frames=50, frame_size=6 * 1000 * 1000, small_files=300, max_tasks=2, runs=5),
+        "bag_checksum": dict(epns=4, frames=50, frame_size=6 * 1000 * 1000, small_files=300, max_tasks=2),
+        "bag_verify": dict(epns=4, frames=50, frame_size=6 * 1000 * 1000, small_files=300, max_tasks=2),
     },
     "quick": {
         "throughput": dict(epns=4, frames=10, frame_size=6 * 1000 * 1000, small_files=100, max_tasks=2, runs=3),
@@ -66,6 +70,9 @@ SIZES = {
         "live_latency": dict(files=5, span_s=150, frame_size=MIB, give_up_s=300),
         "settle_record": dict(lead_s=15, frames=2, give_up_s=300, max_runs=1),
         "noop_known": dict(epns=2000),
+        "bag_pass": dict(epns=2, frames=10, frame_size=6 * 1000 * 1000, small_files=100, max_tasks=2, runs=3),
+        "bag_checksum": dict(epns=2, frames=10, frame_size=6 * 1000 * 1000, small_files=100, max_tasks=2),
+        "bag_verify": dict(epns=2, frames=10, frame_size=6 * 1000 * 1000, small_files=100, max_tasks=2),
     },
 }
 
@@ -1117,3 +1124,8 @@ FIGURES = {
     "7b": fig_settle_record,
     "7c": fig_noop_known,
 }
+
+# Issue 13's figures live in their own module, which uses the helpers above: imported last, on purpose.
+from bench.bag_figures import fig_bag_checksum, fig_bag_pass, fig_bag_verify  # noqa: E402
+
+FIGURES.update({"8a": fig_bag_pass, "8b": fig_bag_checksum, "8c": fig_bag_verify})

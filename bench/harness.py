@@ -372,10 +372,11 @@ def recheck_share(log_text):
     return {"recheck_worker_s": recheck, "epn_worker_s": total, "recheck_share": recheck / total}
 
 
-def plain_rsync_loop(scene, epns, max_tasks, rsync_options=(), timeout=3600):
+def plain_rsync_loop(scene, epns, max_tasks, rsync_options=(), timeout=3600, archive=True):
     """The baseline: `rsync -a -e SSH host:/data/mx/EPN/ DEST/EPN/` per EPN, max_tasks at once.
 
     SSH is mxsync's own ssh command line (port, key, known hosts, cipher) without connection sharing.
+    archive=False leaves out -a (when rsync_options are mxsync's own, mxsync.commands.BASE_OPTIONS).
     Returns wall seconds and the ssh logins made.
     """
     rsh = shlex.join(scene.ssh_arguments())
@@ -384,7 +385,15 @@ def plain_rsync_loop(scene, epns, max_tasks, rsync_options=(), timeout=3600):
 
     def one(epn):
         destination = scene.plain_destination / epn
-        command = ["rsync", "-a", *rsync_options, "-e", rsh, f"{target}:{scene.source_root}/{epn}/", f"{destination}/"]
+        command = [
+            "rsync",
+            *(["-a"] if archive else []),
+            *rsync_options,
+            "-e",
+            rsh,
+            f"{target}:{scene.source_root}/{epn}/",
+            f"{destination}/",
+        ]
         result = subprocess.run(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
         )

@@ -29,7 +29,8 @@ from bench.harness import disk_free, machine  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 # The issue's order; 1c (cipher) backs the ssh-cipher recommendation, 4c measures ignore.yml's growth.
 # 7a-7c are issue 11's lifecycle figures (live latency, settle to record, no-op cycle with many EPNs known).
-DEFAULT_ORDER = ("1", "1c", "2", "3", "4a", "4b", "4c", "5", "6", "7a", "7b", "7c")
+# 8a-8c are issue 13's bags (a pass with bags against without, the checksum's cost in rsync, mxsync verify's speed).
+DEFAULT_ORDER = ("1", "1c", "2", "3", "4a", "4b", "4c", "5", "6", "7a", "7b", "7c", "8a", "8b", "8c")
 MIN_FREE_GIB = 8
 
 
@@ -173,6 +174,9 @@ def main(argv=None):
                 ("7a", "live_latency"),
                 ("7b", "settle_record"),
                 ("7c", "noop_known"),
+                ("8a", "bag_pass"),
+                ("8b", "bag_checksum"),
+                ("8c", "bag_verify"),
             )
         },
         "figures": results,

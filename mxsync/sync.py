@@ -169,10 +169,11 @@ class SyncCycle:
         if execute and followups is not None:
             listeners.insert(2, followups)  # after the history has the record, before the cycle's alerts
         self.events = Events(*(listeners or [self.outcome]))
+        settings = PipelineSettings.from_config(config)
         bagger = None
         if config.bag:
             bagger = Bagger(
-                PipelineSettings.from_config(config),
+                settings,
                 config.bag_algorithm,
                 config.rsync_checksum,
                 history,
@@ -180,9 +181,7 @@ class SyncCycle:
                 config.ssh_target,
                 stop,
             )
-        self.pipeline = EpnPipeline(
-            PipelineSettings.from_config(config), runner, ignore, self.events, self.activity, stop, bagger
-        )
+        self.pipeline = EpnPipeline(settings, runner, ignore, self.events, self.activity, stop, bagger)
         self.catalogue = catalogue or VisitCatalogue()  # a service keeps one, so visits outlive a cycle
         self.retry_now = retry_now  # a run by hand: failed and waiting EPNs are tried now, not after a delay
         self._poll = None  # when the portal's answer this cycle works from was given
